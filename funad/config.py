@@ -1,0 +1,119 @@
+"""Hyperparameters of FUN-AD, named after the paper's symbols.
+
+Defaults follow ``FUNAD_SPEC.md`` ("Defaults"), which restores the paper's
+values (Sec. 4, supplement Tables 3-4) and the authors' training script
+(``-b 32 --k_number 2 --epoch 1500 --weight 2.5``).
+
+Fields below the line "speed options" are deviations from the faithful
+algorithm. Each is off in ``PRESETS["paper"]`` and its accuracy cost is
+measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FunADConfig:
+    # --- the algorithm (paper symbols) ---
+    tau_b: float = 0.5  # τ_b: memory-bank candidate threshold on min-max normalised image scores (Sec. 4.1, Eq. 4)
+    r: float = 0.5  # r: fraction of candidate images sampled into the bank (supp. Table 4)
+    tau_n: float = 0.5  # τ_n: patch pseudo-label threshold on normalised NN distance (Sec. 4.1)
+    tau_c: float = 0.9  # τ_c: confident-anomaly threshold; τ_n < d̂ < τ_c is perturbed (Sec. 4.3)
+    lambda_: float = 2.5  # λ: weight of the mutual-smoothness loss (Eq. 9, supp. Table 3)
+    k: int = 2  # k: neighbours searched in the bank; the nearest that is not the patch itself is used
+    self_eps: float = 1e-2  # squared distances below this count as the patch finding itself (reference code)
+    batch_size: int = 32  # B: images per minibatch; the incomplete last batch is dropped
+    epochs: int = 1500  # passes over the training set (authors' script)
+    lr: float = 2e-5  # RMSprop learning rate (authors' script)
+    momentum: float = 0.2  # RMSprop momentum (authors' script)
+    seed: int = 0  # seeds shuffling, bank sampling, perturbation noise and initial weights
+    ms_on_clean: bool = False  # paper's reading: L_ms on clean predictions (2 forward passes); False = reference code
+    # --- speed options (deviations; all off in the "paper" preset) ---
+    bank_every: int = 1  # rebuild the memory bank every N iterations (paper: 1)
+    bank_patches: Optional[int] = None  # keep at most this many randomly chosen bank patches (paper: all)
+    batch_patches: Optional[int] = None  # patches sampled per image in each step (paper: all P)
+    bf16: bool = False  # bfloat16 autocast for Local-Net forward passes and searches (paper: fp32)
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        check(0.0 <= self.tau_b <= 1.0, f"tau_b must lie in [0, 1], got {self.tau_b}")
+        check(0.0 < self.r <= 1.0, f"r must lie in (0, 1], got {self.r}")
+        check(0.0 <= self.tau_n <= 1.0, f"tau_n must lie in [0, 1], got {self.tau_n}")
+        check(self.tau_n <= self.tau_c <= 1.0, f"tau_c must lie in [tau_n={self.tau_n}, 1], got {self.tau_c}")
+        check(self.lambda_ >= 0.0, f"lambda_ must be >= 0, got {self.lambda_}")
+        check(self.k >= 2, f"k must be >= 2 (the nearest neighbour may be the patch itself), got {self.k}")
+        check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.bank_every >= 1, f"bank_every must be >= 1, got {self.bank_every}")
+        check(self.bank_patches is None or self.bank_patches >= 2, f"bank_patches must be >= 2 or None, got {self.bank_patches}")
+        check(self.batch_patches is None or self.batch_patches >= 1, f"batch_patches must be >= 1 or None, got {self.batch_patches}")
+
+    def replace(self, **changes: Any) -> "FunADConfig":
+        """Return a copy with ``changes`` applied; unknown names raise ConfigError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FunADConfig":
+        return cls().replace(**d)
+
+    @staticmethod
+    def parse_value(name: str, text: str) -> Any:
+        """Convert a command-line string to the type of field ``name``."""
+        kinds = {f.name: f for f in fields(FunADConfig)}
+        if name not in kinds:
+            raise ConfigError(f"unknown hyperparameter {name!r}; known: {sorted(kinds)}")
+        default = getattr(FunADConfig(), name)
+        if text.lower() in ("none", "null"):
+            return None
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name} expects true/false, got {text!r}")
+        try:
+            if isinstance(default, int) or name in ("bank_patches", "batch_patches"):
+                return int(text)
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{name} expects a number, got {text!r}") from None
+
+
+# Named bundles of settings. "paper" is the faithful algorithm. The default
+# preset ("fast") trades a measured amount of accuracy for CPU speed; its
+# values and their cost are recorded in BENCHMARKS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "fast": {
+        "epochs": 40,
+        "bank_every": 8,
+        "bank_patches": 20000,
+        "batch_patches": 128,
+        "lr": 1e-4,
+    },
+}
+DEFAULT_PRESET = "fast"
+
+
+def preset(name: str, **overrides: Any) -> FunADConfig:
+    """Build the config of preset ``name`` with ``overrides`` applied on top."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return FunADConfig().replace(**{**PRESETS[name], **overrides})
