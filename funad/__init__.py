@@ -7,3 +7,8 @@ arrays out, no paths and no printing. The feature store lives in
 """
 
 __version__ = "0.1.0"
+
+from .config import FunADConfig, preset  # noqa: E402
+from .model import FunAD  # noqa: E402
+
+__all__ = ["FunAD", "FunADConfig", "preset", "__version__"]

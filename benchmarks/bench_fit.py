@@ -1,0 +1,193 @@
+"""One FUN-AD training iteration, phase by phase, against matmul throughput.
+
+Runs the same component calls as ``FunAD.fit`` on a synthetic bottle-sized
+problem (default N=230 images, P=784 patches, D=768), times each phase of one
+iteration of the faithful mode (``--preset paper``: bank rebuilt every step),
+counts its floating-point operations, and compares the achieved FLOP/s with a
+float32 matmul measured in the same run. Then times one iteration of the
+"fast" preset (bank rebuild amortised over ``bank_every`` steps).
+
+    python benchmarks/bench_fit.py                    # bottle size, D=768
+    python benchmarks/bench_fit.py --d 1536           # the paper's D
+    python benchmarks/bench_fit.py --n 64 --p 196     # shrink for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from funad import preset
+from funad.config import FunADConfig
+from funad.data import TensorSource
+from funad.localnet import LocalNet
+from funad.losses import balanced_bce, mutual_smoothness
+from funad.memory_bank import (autocast, bank_candidates, gather_adapted, sample_bank_images,
+                               sample_bank_patches, score_images)
+from funad.nn import NNIndex, resolve_backend
+from funad.pairs import batch_mutual_pairs
+from funad.perturb import perturb
+from funad.pseudo_labels import ambiguous, nn_distance, normalise, pseudo_labels
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: torch.device, dim: int, repeats: int = 3) -> float:
+    """Best float32 matmul FLOP/s for (8192, dim) x (dim, 8192)."""
+    a = torch.randn(8192, dim, device=device)
+    b = torch.randn(dim, 8192, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 8192 * 8192 * dim / best
+
+
+def net_flops(rows: int, dim: int) -> float:
+    """Forward FLOPs of Local-Net on ``rows`` features."""
+    return 2.0 * rows * (dim * dim + dim * 1024 + 1024 * 128 + 128)
+
+
+def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, device: torch.device,
+                  rebuild: bool, state: dict) -> dict:
+    """Time and count one step of FunAD.fit's loop; returns {phase: (seconds, flops)}."""
+    n, p, dim, batch = source.n_images, source.n_patches, source.dim, cfg.batch_size
+    host_gen, noise_gen = state["host_gen"], state["noise_gen"]
+    out = {}
+    batch_idx = np.arange(batch)
+
+    sync(device)
+    t0 = time.perf_counter()
+    if rebuild:
+        scored = score_images(net, source, device, keep_adapted=True, bf16=cfg.bf16)
+        images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
+        bank = sample_bank_patches(gather_adapted(net, source, images, scored, device, cfg.bf16),
+                                   cfg.bank_patches, host_gen)
+        state["index"] = NNIndex("auto", device).fit(bank.float())
+        state["scored"] = scored
+    sync(device)
+    t1 = time.perf_counter()
+    out["bank rebuild"] = (t1 - t0, net_flops(n * p, dim) if rebuild else 0.0)
+
+    f = source.get(batch_idx).to(device)
+    positions = None
+    if cfg.batch_patches is not None and cfg.batch_patches < p:
+        positions = torch.randperm(p, generator=host_gen)[:cfg.batch_patches].sort().values.to(device)
+        f = f[:, positions]
+    q = f.shape[0] * f.shape[1]
+    with torch.no_grad():
+        if rebuild:
+            a = state["scored"].adapted[torch.as_tensor(batch_idx, device=device)]
+            a = a if positions is None else a[:, positions]
+            adapt_flops = 0.0
+        else:
+            with autocast(device, cfg.bf16):
+                a = net.adapt(f)
+            adapt_flops = 2.0 * q * dim * dim
+        sqdist, _ = state["index"].search(a.flatten(0, 1).float(), cfg.k)
+        d_hat = normalise(nn_distance(sqdist, cfg.self_eps))
+        y, amb = pseudo_labels(d_hat, cfg.tau_n), ambiguous(d_hat, cfg.tau_n, cfg.tau_c)
+        sync(device)
+        t2 = time.perf_counter()
+        out["NN search"] = (t2 - t1, adapt_flops + 2.0 * q * state["index"].n_bank_ * dim)
+        pairs = batch_mutual_pairs(a)
+    sync(device)
+    t3 = time.perf_counter()
+    out["mutual pairs"] = (t3 - t2, 2.0 * q * q * dim)
+
+    f_tilde = perturb(f, amb.view(f.shape[:2]), noise_gen)
+    with autocast(device, cfg.bf16):
+        p_tilde = net(f_tilde).flatten().float()
+    loss = balanced_bce(p_tilde, y) + cfg.lambda_ * mutual_smoothness(p_tilde, pairs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sync(device)
+    out["forward/backward/step"] = (time.perf_counter() - t3, 3 * net_flops(q, dim))
+    state["bank_rows"] = state["index"].n_bank_
+    state["pairs"] = int(pairs.shape[0])
+    return out
+
+
+def run_preset(name: str, args, source: TensorSource, device: torch.device) -> tuple[dict, dict]:
+    """Mean phase times over the iterations of one bank cycle of preset ``name``."""
+    cfg = preset(name, batch_size=min(32, args.n))
+    net = LocalNet(source.dim, generator=torch.Generator().manual_seed(0)).to(device)
+    opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    state = {"host_gen": torch.Generator().manual_seed(1),
+             "noise_gen": torch.Generator(device=device).manual_seed(2)}
+    one_iteration(cfg, net, opt, source, device, True, state)  # warm-up
+    # The bank is rebuilt at the first step of each epoch and then every
+    # bank_every steps: one rebuild per `cycle` steps. Time one step with a
+    # rebuild and one without, and weight them 1 : (cycle - 1).
+    cycle = min(cfg.bank_every, args.n // cfg.batch_size)
+    with_rebuild = one_iteration(cfg, net, opt, source, device, True, state)
+    without = one_iteration(cfg, net, opt, source, device, False, state) if cycle > 1 else with_rebuild
+    totals = {}
+    for phase in with_rebuild:
+        (s1, f1), (s2, f2) = with_rebuild[phase], without[phase]
+        totals[phase] = ((s1 + (cycle - 1) * s2) / cycle, (f1 + (cycle - 1) * f2) / cycle)
+    return totals, {"bank_rows": state["bank_rows"], "pairs": state["pairs"], "cycle": cycle}
+
+
+def table(title: str, phases: dict, peak: float) -> float:
+    total_s = sum(s for s, _ in phases.values())
+    total_f = sum(f for _, f in phases.values())
+    print(f"\n### {title}\n")
+    print("| phase | time (s) | share | GFLOP | GFLOP/s | % of matmul |")
+    print("|---|---|---|---|---|---|")
+    for phase, (s, f) in phases.items():
+        print(f"| {phase} | {s:.3f} | {s / total_s:.0%} | {f / 1e9:.1f} | {f / s / 1e9:.1f} | {f / s / peak:.0%} |")
+    print(f"| **iteration** | **{total_s:.3f}** | 100% | {total_f / 1e9:.1f} | {total_f / total_s / 1e9:.1f} "
+          f"| **{total_f / total_s / peak:.0%}** |")
+    return total_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=230, help="training images (bottle: 209 + 10%% contamination)")
+    parser.add_argument("--p", type=int, default=784, help="patches per image")
+    parser.add_argument("--d", type=int, default=768, help="feature dimension")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    source = TensorSource(torch.randn(args.n, args.p, args.d, generator=gen).to(device))
+
+    print("# FUN-AD training iteration, phase by phase\n")
+    print(f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, torch threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(f"- problem: N={args.n} images, P={args.p} patches, D={args.d}, batch 32, synthetic N(0,1) features; "
+          f"NN back-end '{resolve_backend('auto', device)}'")
+    peak = matmul_flops(device, args.d)
+    print(f"- float32 matmul (8192x{args.d} @ {args.d}x8192), same run: **{peak / 1e9:.1f} GFLOP/s**")
+    print("- FLOPs: Local-Net forward 2(D^2 + 1024D + 1024*128 + 128) per patch, backward = 2x forward; "
+          "search 2*Q*M*D; pairs 2*Q^2*D (Q = batch patches, M = bank rows)")
+
+    paper, info = run_preset("paper", args, source, device)
+    t_paper = table(f"`--preset paper` (faithful): one iteration; bank {info['bank_rows']} rows, "
+                    f"{info['pairs']} mutual pairs", paper, peak)
+    fast, finfo = run_preset("fast", args, source, device)
+    t_fast = table(f"`--preset fast`: mean iteration, one bank rebuild per {finfo['cycle']} steps "
+                   f"(a step with and one without a rebuild, weighted 1 : {finfo['cycle'] - 1}); "
+                   f"bank {finfo['bank_rows']} rows", fast, peak)
+    steps = args.n // 32
+    print(f"\n- fast / paper iteration time: {t_fast / t_paper:.2f} (speed-up {t_paper / t_fast:.1f}x); "
+          f"epoch = {steps} iterations -> paper {steps * t_paper:.1f} s/epoch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The FUN-AD estimator and its training loop (spec, "One training iteration").
+
+Default behaviour is the reference code's (``ms_on_clean=False``): one forward
+pass on the perturbed features per step, and both losses on its predictions;
+the mutual pairs come from the adapted features of the unperturbed batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from . import losses
+from .config import FunADConfig
+from .data import FeatureSource, as_source, source_device
+from .errors import ConfigError, DataError, NotFittedError
+from .localnet import LocalNet
+from .memory_bank import (ScoredImages, autocast, bank_candidates, gather_adapted, images_per_chunk,
+                          sample_bank_images, sample_bank_patches, score_images)
+from .nn import NNIndex
+from .pairs import batch_mutual_pairs
+from .perturb import perturb
+from .pseudo_labels import ambiguous, nn_distance, normalise, pseudo_labels
+
+logger = logging.getLogger(__name__)
+
+Features = Union[FeatureSource, torch.Tensor, np.ndarray]
+
+# Adapted features of all training images are kept between the scoring pass
+# and the bank/batch (saving one adaptor pass) when they take at most this much.
+KEEP_ADAPTED_BYTES = 8 * 2**30
+
+
+class _Clock:
+    """Adds wall time per phase; synchronises CUDA so phases are not mixed up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals = {"bank": 0.0, "search": 0.0, "step": 0.0}
+        self.sync()
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
+
+
+class _Diagnostics:
+    """Labels used only to *report* bank purity and pseudo-label quality."""
+
+    def __init__(self, given: Optional[dict], n_images: int, n_patches: int) -> None:
+        self.image_labels = self.patch_labels = None
+        if not given:
+            return
+        unknown = sorted(set(given) - {"image_labels", "patch_labels"})
+        if unknown:
+            raise DataError(f"unknown diagnostics {unknown}; expected 'image_labels' and/or 'patch_labels'")
+        if given.get("image_labels") is not None:
+            self.image_labels = torch.as_tensor(np.asarray(given["image_labels"])).long()
+            if tuple(self.image_labels.shape) != (n_images,):
+                raise DataError(f"diagnostics image_labels must have shape ({n_images},), "
+                                f"got {tuple(self.image_labels.shape)}")
+        if given.get("patch_labels") is not None:
+            self.patch_labels = torch.as_tensor(np.asarray(given["patch_labels"])).bool()
+            if tuple(self.patch_labels.shape) != (n_images, n_patches):
+                raise DataError(f"diagnostics patch_labels must have shape ({n_images}, {n_patches}), "
+                                f"got {tuple(self.patch_labels.shape)}")
+
+
+class _EpochStats:
+    """Per-epoch sums; device tensors are read back once per epoch."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums: dict[str, Any] = {"loss": 0.0, "loss_bce": 0.0, "loss_ms": 0.0,
+                                     "n_pseudo_anomalies": 0.0, "n_ambiguous": 0.0}
+        self.n_pairs = 0
+        self.bank_images = self.bank_patches = 0
+        self.purity: list[float] = []
+        self.tp = self.fp = self.fn = 0
+
+    def record(self, epoch: int, times: dict) -> dict:
+        out: dict[str, Any] = {"epoch": epoch}
+        for key, value in self.sums.items():
+            out[key] = float(value) / self.steps
+        out["n_pairs"] = self.n_pairs / self.steps
+        out["bank_images"], out["bank_patches"] = self.bank_images, self.bank_patches
+        out.update({f"time_{k}": v for k, v in times.items()})
+        if self.purity:
+            out["bank_purity"] = float(np.mean(self.purity))
+        return out
+
+
+def _ratio(num: int, den: int) -> Optional[float]:
+    return num / den if den else None
+
+
+class FunAD:
+    """FUN-AD anomaly detector on patch features (n_images, n_patches, dim).
+
+    ``__init__`` only stores the config; ``fit`` learns ``net_`` (the Local-Net),
+    ``dim_``, ``n_patches_`` and ``device_``. Scores are in (0, 1); higher
+    means more anomalous.
+    """
+
+    def __init__(self, config: Optional[FunADConfig] = None) -> None:
+        self.config = config if config is not None else FunADConfig()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, features: Features, *, device: Union[str, torch.device, None] = None,
+            callback: Optional[Callable[[dict], None]] = None, diagnostics: Optional[dict] = None,
+            checkpoint: Optional[dict] = None, on_checkpoint: Optional[Callable[[dict], None]] = None,
+            checkpoint_every: int = 1, nn_backend: str = "auto") -> "FunAD":
+        """Train Local-Net on unlabelled features.
+
+        Args:
+            features: a FeatureSource or a (n_images, n_patches, dim) tensor/array.
+            device: where to train; default: the source's device.
+            callback: called once per epoch with a record (dict): epoch,
+                loss, loss_bce, loss_ms (means over the epoch's steps),
+                n_pseudo_anomalies, n_ambiguous, n_pairs (means per step),
+                bank_images, bank_patches (the epoch's last bank), time_bank,
+                time_search, time_step (seconds over the epoch; search =
+                distances + mutual pairs) and, with diagnostics, bank_purity,
+                pseudo_precision, pseudo_recall.
+            diagnostics: {"image_labels": (n_images,) 0/1, "patch_labels":
+                (n_images, n_patches) 0/1}; only reported, never acted upon.
+            checkpoint: a state given to ``on_checkpoint`` by an earlier fit
+                with the same config (``epochs`` may differ): training resumes
+                after its epoch and matches an uninterrupted run on the CPU.
+            on_checkpoint: called with a state dict (net, optimizer, RNG
+                states, epoch, config) every ``checkpoint_every`` epochs and
+                after the last one.
+            nn_backend: bank search back-end of :class:`funad.nn.NNIndex`.
+
+        The bank is rebuilt at the first step of every epoch and then every
+        ``bank_every`` steps, so a resumed run needs no saved bank.
+        """
+        cfg = self.config
+        source = as_source(features)
+        n, p, dim = source.n_images, source.n_patches, source.dim
+        batch = cfg.batch_size
+        if n < batch:
+            raise DataError(f"{n} training images are fewer than batch_size={batch}; "
+                            "lower batch_size or train on more images")
+        if checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        device = torch.device(device) if device is not None else source_device(source)
+        diag = _Diagnostics(diagnostics, n, p)
+
+        net = LocalNet(dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        host_gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling, bank and patch sampling
+        noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # perturbation noise
+        start_epoch = 0
+        if checkpoint is not None:
+            start_epoch = self._resume(checkpoint, net, opt, host_gen, noise_gen, n, p, dim)
+        keep_adapted = n * p * dim * 4 <= KEEP_ADAPTED_BYTES
+        steps = n // batch
+
+        for epoch in range(start_epoch, cfg.epochs):
+            stats, clock = _EpochStats(), _Clock(device)
+            order = torch.randperm(n, generator=host_gen).numpy()
+            scored: Optional[ScoredImages] = None
+            for step in range(steps):
+                batch_idx = order[step * batch:(step + 1) * batch]
+                rebuilt = step % cfg.bank_every == 0
+                if rebuilt:
+                    scored, index = self._rebuild_bank(net, source, device, keep_adapted, host_gen,
+                                                       nn_backend, stats, diag)
+                    clock.lap("bank")
+                f = source.get(batch_idx).to(device)
+                positions = None
+                if cfg.batch_patches is not None and cfg.batch_patches < p:
+                    positions = torch.randperm(p, generator=host_gen)[:cfg.batch_patches].sort().values
+                    f = f[:, positions.to(device)]
+
+                with torch.no_grad():
+                    if rebuilt and scored is not None and scored.adapted is not None:
+                        a = scored.adapted[torch.as_tensor(batch_idx, device=device)]
+                        a = a if positions is None else a[:, positions.to(device)]
+                    else:
+                        with autocast(device, cfg.bf16):
+                            a = net.adapt(f)
+                    sqdist, _ = index.search(a.flatten(0, 1).float(), cfg.k)
+                    d_hat = normalise(nn_distance(sqdist, cfg.self_eps))
+                    y = pseudo_labels(d_hat, cfg.tau_n)
+                    amb = ambiguous(d_hat, cfg.tau_n, cfg.tau_c)
+                    pairs = batch_mutual_pairs(a)
+                clock.lap("search")
+
+                f_tilde = perturb(f, amb.view(f.shape[:2]), noise_gen)
+                with autocast(device, cfg.bf16):
+                    p_tilde = net(f_tilde).flatten().float()
+                loss_bce = losses.balanced_bce(p_tilde, y)
+                if cfg.ms_on_clean:  # the paper's reading: L_ms on a clean forward pass
+                    with autocast(device, cfg.bf16):
+                        p_clean = net(f).flatten().float()
+                    loss_ms = losses.mutual_smoothness(p_clean, pairs)
+                else:  # the reference code: both losses on the perturbed predictions
+                    loss_ms = losses.mutual_smoothness(p_tilde, pairs)
+                loss = loss_bce + cfg.lambda_ * loss_ms
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                clock.lap("step")
+
+                self._accumulate(stats, loss, loss_bce, loss_ms, y, amb, pairs, diag, batch_idx, positions)
+
+            record = self._record(stats, epoch + 1, clock.totals, diag)
+            logger.debug("epoch %d: %s", epoch + 1, record)
+            if callback is not None:
+                callback(record)
+            if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+                on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
+
+        self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
+        return self
+
+    def _rebuild_bank(self, net: LocalNet, source: FeatureSource, device: torch.device, keep_adapted: bool,
+                      host_gen: torch.Generator, nn_backend: str, stats: _EpochStats,
+                      diag: _Diagnostics) -> tuple[ScoredImages, NNIndex]:
+        cfg = self.config
+        scored = score_images(net, source, device, keep_adapted=keep_adapted, bf16=cfg.bf16)
+        images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
+        bank = gather_adapted(net, source, images, scored, device, cfg.bf16)
+        bank = sample_bank_patches(bank, cfg.bank_patches, host_gen)
+        index = NNIndex(nn_backend, device).fit(bank.float())
+        stats.bank_images, stats.bank_patches = int(images.numel()), int(bank.shape[0])
+        if diag.image_labels is not None:
+            stats.purity.append(float((diag.image_labels[images.cpu()] == 0).float().mean()))
+        return scored, index
+
+    @staticmethod
+    def _accumulate(stats: _EpochStats, loss, loss_bce, loss_ms, y, amb, pairs, diag: _Diagnostics,
+                    batch_idx: np.ndarray, positions: Optional[torch.Tensor]) -> None:
+        stats.steps += 1
+        for key, value in (("loss", loss), ("loss_bce", loss_bce), ("loss_ms", loss_ms),
+                           ("n_pseudo_anomalies", y.sum()), ("n_ambiguous", amb.sum())):
+            stats.sums[key] = stats.sums[key] + value.detach()
+        stats.n_pairs += int(pairs.shape[0])
+        if diag.patch_labels is not None:
+            truth = diag.patch_labels[torch.as_tensor(batch_idx)]
+            truth = truth if positions is None else truth[:, positions]
+            truth, pred = truth.flatten(), y.detach().bool().cpu()
+            stats.tp += int((pred & truth).sum())
+            stats.fp += int((pred & ~truth).sum())
+            stats.fn += int((~pred & truth).sum())
+
+    @staticmethod
+    def _record(stats: _EpochStats, epoch: int, times: dict, diag: _Diagnostics) -> dict:
+        record = stats.record(epoch, times)
+        if diag.patch_labels is not None:
+            record["pseudo_precision"] = _ratio(stats.tp, stats.tp + stats.fp)
+            record["pseudo_recall"] = _ratio(stats.tp, stats.tp + stats.fn)
+        return record
+
+    # ------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self, net: LocalNet, opt: torch.optim.Optimizer, host_gen: torch.Generator,
+                          noise_gen: torch.Generator, epoch: int, n: int, p: int, dim: int) -> dict:
+        return {
+            "epoch": epoch,
+            "config": self.config.to_dict(),
+            "n_images": n, "n_patches": p, "dim": dim,
+            "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()),
+            "host_rng": host_gen.get_state(),
+            "noise_rng": noise_gen.get_state(),
+        }
+
+    def _resume(self, state: dict, net: LocalNet, opt: torch.optim.Optimizer, host_gen: torch.Generator,
+                noise_gen: torch.Generator, n: int, p: int, dim: int) -> int:
+        missing = sorted({"epoch", "config", "net", "optimizer", "host_rng", "noise_rng"} - set(state))
+        if missing:
+            raise DataError(f"checkpoint lacks {missing}; pass a state produced by fit(on_checkpoint=...)")
+        saved = {k: v for k, v in state["config"].items() if k != "epochs"}
+        current = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        diff = sorted(k for k in current if saved.get(k) != current[k])
+        if diff:
+            raise ConfigError("checkpoint was written with a different config: "
+                              + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in diff)
+                              + "; resume with the same settings (only epochs may change)")
+        for key, value in (("n_images", n), ("n_patches", p), ("dim", dim)):
+            if key in state and state[key] != value:
+                raise DataError(f"checkpoint was written for {key}={state[key]}, the features have "
+                                f"{key}={value}; resume on the same training set")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        host_gen.set_state(state["host_rng"])
+        noise_gen.set_state(state["noise_rng"])
+        return int(state["epoch"])
+
+    # ---------------------------------------------------------------- scoring
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise NotFittedError("this FunAD model is not fitted yet; call fit(features) or load_state_dict(state) first")
+
+    @torch.no_grad()
+    def score_patches(self, features: Features) -> np.ndarray:
+        """Patch scores φ(f) in (0, 1), float32 (n_images, n_patches)."""
+        self._check_fitted()
+        source = as_source(features)
+        if source.dim != self.dim_:
+            raise DataError(f"model was fitted on D={self.dim_} features, input has D={source.dim}")
+        self.net_.eval()
+        out = np.empty((source.n_images, source.n_patches), dtype=np.float32)
+        step = images_per_chunk(source.n_patches)
+        for start in range(0, source.n_images, step):
+            idx = np.arange(start, min(source.n_images, start + step))
+            out[idx] = self.net_(source.get(idx).to(self.device_)).float().cpu().numpy()
+        return out
+
+    def score_images(self, features: Features) -> np.ndarray:
+        """Image scores, the maximum patch score, float32 (n_images,)."""
+        return self.score_patches(features).max(axis=1)
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """{"config": dict, "dim": int, "n_patches": int, "net": {name: CPU tensor}}."""
+        self._check_fitted()
+        return {
+            "config": self.config.to_dict(),
+            "dim": self.dim_,
+            "n_patches": self.n_patches_,
+            "net": {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict, device: Union[str, torch.device] = "cpu") -> "FunAD":
+        """Load weights saved by :meth:`state_dict` (the model's config is kept)."""
+        missing = sorted({"dim", "net"} - set(state))
+        if missing:
+            raise DataError(f"model state lacks {missing}; pass a dict produced by FunAD.state_dict()")
+        net = LocalNet(int(state["dim"]))
+        try:
+            net.load_state_dict(state["net"])
+        except RuntimeError as exc:
+            raise DataError(f"model weights do not match a Local-Net of D={state['dim']}: {exc}") from None
+        self.device_ = torch.device(device)
+        self.net_ = net.to(self.device_)
+        self.dim_ = int(state["dim"])
+        self.n_patches_ = int(state.get("n_patches", 0))
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: Union[str, torch.device] = "cpu") -> "FunAD":
+        """A model with the config and weights of ``state``."""
+        config = FunADConfig.from_dict(state["config"]) if "config" in state else FunADConfig()
+        return cls(config).load_state_dict(state, device)

@@ -1,0 +1,157 @@
+"""The FunAD estimator: training on planted outliers, determinism, persistence, resume."""
+
+import numpy as np
+import pytest
+import torch
+
+from funad import FunAD, preset
+from funad.errors import ConfigError, DataError, NotFittedError
+
+N, P, D = 24, 9, 8
+OUTLIERS = [0, 5]  # images with one planted anomalous patch each
+POSITION = 4
+
+
+def planted(n=N, p=P, d=D, seed=0, position=POSITION):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, d, generator=g) * 0.3
+    for i in OUTLIERS:
+        x[i, position] += 4.0
+    return x
+
+
+def small(**overrides):
+    settings = dict(epochs=6, batch_size=8, lr=1e-3, seed=0)
+    settings.update(overrides)
+    return preset("paper", **settings)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny problems run far faster on one thread than on a busy shared CPU's two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fitted(one_thread):
+    records = []
+    model = FunAD(small()).fit(planted(), callback=records.append)
+    return model, records
+
+
+def weights(model):
+    return model.state_dict()["net"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_planted_outliers_score_higher(fitted):
+    model, _ = fitted
+    x = planted()
+    image = model.score_images(x)
+    inliers = np.setdiff1d(np.arange(N), OUTLIERS)
+    assert image[OUTLIERS].min() > image[inliers].max()
+    patch = model.score_patches(x)
+    assert patch.shape == (N, P) and patch.dtype == np.float32
+    assert patch[OUTLIERS, POSITION].min() > np.delete(patch[OUTLIERS], POSITION, axis=1).max()
+
+
+def test_callback_record_per_epoch(fitted):
+    _, records = fitted
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    keys = {"loss", "loss_bce", "loss_ms", "n_pseudo_anomalies", "n_ambiguous", "n_pairs", "bank_images",
+            "bank_patches", "time_bank", "time_search", "time_step"}
+    assert keys <= set(records[-1])
+    r = records[-1]
+    assert r["loss"] == pytest.approx(r["loss_bce"] + 2.5 * r["loss_ms"], rel=1e-5)
+    assert r["bank_patches"] == r["bank_images"] * P
+    assert "bank_purity" not in r
+
+
+def test_diagnostics_are_reported():
+    image_labels = np.isin(np.arange(N), OUTLIERS).astype(int)
+    patch_labels = np.zeros((N, P), dtype=int)
+    patch_labels[OUTLIERS, POSITION] = 1
+    records = []
+    FunAD(small(epochs=2)).fit(planted(), callback=records.append,
+                               diagnostics={"image_labels": image_labels, "patch_labels": patch_labels})
+    r = records[-1]
+    assert 0.0 <= r["bank_purity"] <= 1.0
+    assert r["pseudo_recall"] is None or 0.0 <= r["pseudo_recall"] <= 1.0
+    with pytest.raises(DataError, match=r"image_labels must have shape \(24,\)"):
+        FunAD(small(epochs=1)).fit(planted(), diagnostics={"image_labels": np.zeros(3)})
+
+
+def test_same_seed_gives_identical_weights(fitted):
+    model, _ = fitted
+    again = FunAD(small()).fit(planted())
+    assert same_weights(weights(model), weights(again))
+    other = FunAD(small(seed=1)).fit(planted())
+    assert not same_weights(weights(model), weights(other))
+
+
+def test_state_dict_round_trip_gives_identical_scores(fitted):
+    model, _ = fitted
+    x = planted(seed=3)
+    loaded = FunAD.from_state_dict(model.state_dict())
+    assert np.array_equal(loaded.score_patches(x), model.score_patches(x))
+    assert loaded.config == model.config
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bank_every": 2, "batch_patches": 5, "bank_patches": 30}])
+def test_resume_equals_uninterrupted(overrides):
+    states = []
+    full_records = []
+    full = FunAD(small(epochs=4, **overrides)).fit(planted(), callback=full_records.append)
+    FunAD(small(epochs=2, **overrides)).fit(planted(), on_checkpoint=states.append)
+    assert [s["epoch"] for s in states] == [1, 2]
+    resumed_records = []
+    resumed = FunAD(small(epochs=4, **overrides)).fit(planted(), checkpoint=states[-1],
+                                                      callback=resumed_records.append)
+    assert same_weights(weights(full), weights(resumed))
+    assert [r["loss"] for r in resumed_records] == [r["loss"] for r in full_records[2:]]
+
+
+def test_resume_with_other_config_is_refused():
+    states = []
+    FunAD(small(epochs=1)).fit(planted(), on_checkpoint=states.append)
+    with pytest.raises(ConfigError, match="tau_n=0.5 \\(now 0.6\\)"):
+        FunAD(small(epochs=2, tau_n=0.6)).fit(planted(), checkpoint=states[0])
+
+
+def test_image_level_variant_p1():
+    x = planted(n=20, p=1, position=0)
+    model = FunAD(small(epochs=6)).fit(x)
+    assert model.score_patches(x).shape == (20, 1)
+    image = model.score_images(x)
+    assert image.shape == (20,)
+    assert image[OUTLIERS].min() > np.delete(image, OUTLIERS).max()
+
+
+def test_speed_options_and_paper_reading_run():
+    records = []
+    cfg = small(epochs=2, bank_every=2, bank_patches=40, batch_patches=4, bf16=True, ms_on_clean=True)
+    model = FunAD(cfg).fit(planted().numpy(), callback=records.append)
+    assert records[-1]["bank_patches"] == 40
+    assert np.isfinite(records[-1]["loss"])
+    assert model.score_images(planted()).shape == (N,)
+
+
+def test_bad_input_errors():
+    with pytest.raises(DataError, match="10 training images are fewer than batch_size=32"):
+        FunAD(preset("paper")).fit(torch.zeros(10, 2, 3))
+    with pytest.raises(NotFittedError):
+        FunAD().score_images(torch.zeros(1, 2, 3))
+    with pytest.raises(DataError, match="shape \\(n_images, n_patches, dim\\)"):
+        FunAD(small()).fit(torch.zeros(10, 3))
+
+
+def test_dim_mismatch_names_both_numbers(fitted):
+    model, _ = fitted
+    with pytest.raises(DataError, match="fitted on D=8 features, input has D=5"):
+        model.score_patches(torch.zeros(2, P, 5))
