@@ -1,0 +1,132 @@
+"""Zarr v3 directory backend of the feature store.
+
+Every chunk write goes through zarr's ``LocalStore``, which writes to a
+temporary file and renames it into place, so a chunk on disk is either the old
+one or the new one, never half of each. Together with the store writing an
+image's status after its data, this makes the directory crash-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .errors import CorruptCacheError
+
+FORMAT = "zarr"
+
+# Codecs by name. The feature arrays use FEATURE_CODEC; benchmarks/bench_cache.py
+# measured float16 ViT tokens to compress only to 0.92-0.93 of their size with any
+# of them, while costing write and read speed (see benchmarks/results/cache.md),
+# so features are stored uncompressed. Masks and previews compress well and
+# cost little to compress, so they use zstd level 1.
+CODECS = {
+    "none": None,
+    "zstd1": ZstdCodec(level=1),
+    "zstd3": ZstdCodec(level=3),
+    "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "blosc-zstd1": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+}
+FEATURE_CODEC = "none"
+SIDE_CODEC = "zstd1"
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` looks like a zarr v3 directory (has ``zarr.json``)."""
+    return path.is_dir() and (path / "zarr.json").is_file()
+
+
+class ZarrBackend:
+    """Arrays, attributes and JSON blobs in a zarr v3 group on the local disk."""
+
+    format = FORMAT
+
+    def __init__(self, path: Path, writable: bool, create: bool = False) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        try:
+            if create:
+                self._root = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
+            else:
+                self._root = zarr.open_group(str(self.path), mode="r+" if writable else "r", zarr_format=3)
+        except (zarr.errors.BaseZarrError, FileNotFoundError, ValueError, KeyError) as exc:
+            raise CorruptCacheError(f"{self.path}: not a readable zarr v3 group ({exc}); "
+                                    "re-create it with `funad extract --overwrite`") from exc
+        self._arrays: dict = {}
+
+    # -- arrays --------------------------------------------------------------
+    def create_array(self, name: str, shape: tuple, dtype: str, chunks: tuple, codec: str) -> None:
+        compressor = CODECS[codec]
+        self._root.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            compressors=None if compressor is None else [compressor],
+            fill_value=0,
+            config={"write_empty_chunks": False},
+        )
+
+    def array(self, name: str):
+        """The array ``name`` (supports ``a[slice]`` reads and writes, ``.shape``, ``.dtype``)."""
+        if name not in self._arrays:
+            try:
+                node = self._root[name]
+            except KeyError:
+                raise CorruptCacheError(f"{self.path}: array {name!r} is missing; the store is incomplete "
+                                        "(was its creation interrupted?). Re-create it with --overwrite") from None
+            if not isinstance(node, zarr.Array):
+                raise CorruptCacheError(f"{self.path}: {name!r} is a group, expected an array")
+            self._arrays[name] = node
+        return self._arrays[name]
+
+    def has_array(self, name: str) -> bool:
+        return (self.path / name / "zarr.json").is_file()
+
+    # -- attributes and blobs -------------------------------------------------
+    def get_attrs(self) -> dict:
+        return dict(self._root.attrs.asdict())
+
+    def set_attrs(self, attrs: dict) -> None:
+        self._root.attrs.update(attrs)
+
+    def write_blob(self, name: str, obj) -> None:
+        """Store a JSON-serialisable object as a uint8 array (one chunk), replacing any previous one."""
+        data = np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8)
+        arr = self._root.create_array(name, shape=data.shape, dtype="uint8", chunks=(max(1, data.size),),
+                                      compressors=[CODECS["zstd1"]], fill_value=0, overwrite=True)
+        if data.size:
+            arr[:] = data
+        self._arrays.pop(name, None)
+
+    def read_blob(self, name: str):
+        raw = np.asarray(self.array(name)[:], dtype=np.uint8).tobytes()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCacheError(f"{self.path}: {name!r} is not valid JSON ({exc})") from exc
+
+    # -- housekeeping --------------------------------------------------------
+    def flush(self) -> None:
+        """Nothing to do: every zarr write is on disk when it returns."""
+
+    def size_on_disk(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:  # a temporary file renamed away while we walk
+                    pass
+        return total
+
+    def close(self) -> None:
+        self._arrays.clear()
+
+
+Backend = ZarrBackend

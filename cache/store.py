@@ -1,0 +1,479 @@
+"""The feature store: one dataset's backbone features, masks and sample table.
+
+A store holds, for N images with a ``grid[0] x grid[1] = P`` patch grid and
+token width C:
+
+* ``patch_tokens (N, P, C)`` and ``class_tokens (N, C)`` (float16 by default);
+  :meth:`FeatureStore.read_features` assembles the paper's features
+  ``[class token ; patch token] -> (n, P, 2C)`` on read, so the class token is
+  stored once instead of P times;
+* ``masks (N, H, W) uint8`` in {0, 1} at input resolution, ``previews
+  (N, h, w, 3) uint8`` (the pre-processed input, for pictures; absent for
+  imported features), ``status (N,) int8`` (0 pending, 1 complete, 2 skipped);
+* the sample table (path, split, label, defect type per image) and the
+  store-level attributes (backbone, weights, pre-processing, grid...).
+
+Arrays are chunked one image per chunk. An image's status is written after
+its data, so a process killed mid-write leaves that image pending, never
+complete with partial data; reads refuse any image that is not complete.
+One process writes a store at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+
+from . import _hdf5, _zarr
+from . import layout as L
+from .errors import CacheError, CacheMismatchError, CorruptCacheError, IncompleteCacheError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"zarr": _zarr, "hdf5": _hdf5}  # format name -> backend module (each has a ``Backend`` class)
+_RESUME_HINT = "re-run `funad extract` with the same output to resume"
+
+
+def _runs(sorted_unique: np.ndarray) -> Iterator[tuple[int, int, slice]]:
+    """Split sorted unique indices into runs of consecutive values: ``(start, stop, positions)``."""
+    if sorted_unique.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [sorted_unique.size]])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1, slice(int(a), int(b))
+
+
+
+class FeatureStore:
+    """An open feature store; get one from :func:`create` or :func:`open`. Use as a context manager."""
+
+    def __init__(self, path: Path, format: str, writable: bool) -> None:
+        self.path = Path(path)
+        self.format = format
+        self.writable = writable
+        self._b = BACKENDS[format].Backend(self.path, writable=writable)
+        try:
+            self._load_and_check()
+        except BaseException:
+            self._b.close()
+            raise
+
+    # -- integrity ------------------------------------------------------------
+    def _corrupt(self, what: str) -> CorruptCacheError:
+        return CorruptCacheError(f"{self.path}: {what}; the store is damaged or was not written by funad. "
+                                 "Re-create it with `funad extract --overwrite`")
+
+    def _load_and_check(self) -> None:
+        attrs = self._b.get_attrs()
+        version = attrs.get("cache_version")
+        if version is None:
+            raise self._corrupt("metadata has no cache_version")
+        if version > L.CACHE_VERSION:
+            raise CorruptCacheError(f"{self.path}: cache format version {version} is newer than this funad "
+                                    f"understands ({L.CACHE_VERSION}); upgrade funad")
+        try:
+            n = int(attrs["n_images"])
+            grid = L.pair(attrs["grid"], "grid")
+            p, c = int(attrs["n_patches"]), int(attrs["token_dim"])
+            mask_hw = L.pair(attrs["mask_size"], "mask_size")
+            prev = attrs["preview_size"]
+            preview_hw = None if prev is None else L.pair(prev, "preview_size")
+            dtype = attrs["dtype"]
+            feature_dim = int(attrs["feature_dim"])
+        except (KeyError, TypeError, ValueError, CacheMismatchError) as exc:
+            raise self._corrupt(f"metadata is missing or has a bad value ({exc})") from None
+        if p != grid[0] * grid[1]:
+            raise self._corrupt(f"n_patches={p} but grid={list(grid)} has {grid[0] * grid[1]} patches")
+        if feature_dim != 2 * c:
+            raise self._corrupt(f"feature_dim={feature_dim} is not 2 x token_dim={c}")
+        if dtype not in L.DTYPES:
+            raise self._corrupt(f"dtype {dtype!r} is not one of {L.DTYPES}")
+        try:
+            samples = L.check_samples(self._b.read_blob(L.SAMPLE_TABLE))
+        except CacheMismatchError as exc:
+            raise self._corrupt(f"bad sample table ({exc})") from None
+        if len(samples) != n:
+            raise self._corrupt(f"the sample table has {len(samples)} images but n_images={n}")
+        expected = {
+            L.PATCH_TOKENS: ((n, p, c), dtype),
+            L.CLASS_TOKENS: ((n, c), dtype),
+            L.MASKS: ((n, *mask_hw), "uint8"),
+            L.STATUS: ((n,), "int8"),
+            L.SKIP_REASONS: ((n, L.SKIP_REASON_BYTES), "uint8"),
+        }
+        if preview_hw is not None:
+            expected[L.PREVIEWS] = ((n, *preview_hw, 3), "uint8")
+        for name, (shape, dt) in expected.items():
+            arr = self._b.array(name)
+            if tuple(arr.shape) != shape:
+                raise self._corrupt(f"{name} has shape {tuple(arr.shape)}, metadata says {shape}")
+            if np.dtype(arr.dtype) != np.dtype(dt):
+                raise self._corrupt(f"{name} has dtype {np.dtype(arr.dtype)}, metadata says {dt}")
+        status = np.asarray(self._b.array(L.STATUS)[:], dtype=np.int8)
+        bad = ~np.isin(status, list(L.STATUS_NAMES))
+        if bad.any():
+            raise self._corrupt(f"status has invalid values {sorted(set(status[bad].tolist()))[:5]}")
+        self._attrs = attrs
+        self._samples = samples
+        self._n, self._grid, self._p, self._c = n, grid, p, c
+        self._mask_hw, self._preview_hw, self._dtype = mask_hw, preview_hw, dtype
+        self._status = status  # in-memory copy, kept in step with our own writes
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def attrs(self) -> Mapping:
+        """Store-level metadata (a read-only copy)."""
+        return MappingProxyType(copy.deepcopy(self._attrs))
+
+    @property
+    def n_images(self) -> int:
+        return self._n
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._grid
+
+    @property
+    def n_patches(self) -> int:
+        """P, patches per image."""
+        return self._p
+
+    @property
+    def token_dim(self) -> int:
+        """C, width of one class or patch token."""
+        return self._c
+
+    @property
+    def feature_dim(self) -> int:
+        """D = 2C, width of an assembled feature ``[class token ; patch token]``."""
+        return 2 * self._c
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        return self._mask_hw
+
+    @property
+    def preview_size(self) -> Optional[tuple[int, int]]:
+        """``(h, w)`` of the previews, or None when the store has none (imported features)."""
+        return self._preview_hw
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def samples(self) -> list[dict]:
+        return copy.deepcopy(self._samples)
+
+    @property
+    def paths(self) -> np.ndarray:
+        return np.array([s["path"] for s in self._samples], dtype=str)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(N,) int8``: 0 normal, 1 anomalous, -1 unknown."""
+        return np.array([s["label"] for s in self._samples], dtype=np.int8)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([s["split"] for s in self._samples], dtype=str)
+
+    @property
+    def defect_types(self) -> np.ndarray:
+        return np.array([s["defect_type"] for s in self._samples], dtype=str)
+
+    @property
+    def status(self) -> np.ndarray:
+        """``(N,) int8``: 0 pending, 1 complete, 2 skipped (as of opening, plus this object's writes)."""
+        return self._status.copy()
+
+    @property
+    def complete(self) -> np.ndarray:
+        return self._status == L.COMPLETE
+
+    def indices(self, split: Optional[str] = None, complete_only: bool = True) -> np.ndarray:
+        """Image indices (ascending) of ``split`` (or all), complete ones only by default."""
+        keep = np.ones(self._n, dtype=bool)
+        if split is not None:
+            if split not in L.SPLITS:
+                raise CacheMismatchError(f"split must be one of {L.SPLITS}, got {split!r}")
+            keep &= self.splits == split
+        if complete_only:
+            keep &= self.complete
+        return np.flatnonzero(keep)
+
+    def skip_reason(self, i: int) -> Optional[str]:
+        """Why image ``i`` was skipped, or None if it was not."""
+        i = int(self._check_indices([i])[0])
+        if self._status[i] != L.SKIPPED:
+            return None
+        raw = np.asarray(self._b.array(L.SKIP_REASONS)[i], dtype=np.uint8).tobytes()
+        return raw.rstrip(b"\0").decode("utf-8", errors="replace")
+
+    # -- writing ----------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise CacheError(f"{self.path} is open read-only; open it with mode 'a' to write")
+
+    def _check_indices(self, indices) -> np.ndarray:
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (self._n,):
+                raise CacheMismatchError(f"a boolean index must have shape ({self._n},), got {idx.shape}")
+            return np.flatnonzero(idx)
+        idx = np.atleast_1d(idx)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise CacheMismatchError(f"indices must be a 1-D sequence of ints, got dtype {idx.dtype}, "
+                                     f"shape {idx.shape}")
+        idx = idx.astype(np.int64)
+        out = (idx < 0) | (idx >= self._n)
+        if out.any():
+            raise CacheMismatchError(f"image index {int(idx[out][0])} is out of range: {self.path} has "
+                                     f"{self._n} images (0..{self._n - 1})")
+        return idx
+
+    def _as_array(self, value, shape: tuple, dtype: str, name: str) -> np.ndarray:
+        arr = np.asarray(value)
+        if arr.shape != shape:
+            raise CacheMismatchError(f"{name} has shape {arr.shape}; {self.path} expects {shape}")
+        if dtype in L.DTYPES:
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise CacheMismatchError(f"{name} has dtype {arr.dtype}; expected floating point tokens")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with advice
+                out = arr.astype(dtype, copy=False)
+            if not np.isfinite(out).all():
+                biggest = float(np.nanmax(np.abs(arr[np.isfinite(arr)]))) if np.isfinite(arr).any() else float("nan")
+                raise CacheMismatchError(
+                    f"{name} has non-finite values as {dtype} (NaN/inf in the input, or values beyond "
+                    f"{np.finfo(dtype).max:.6g}; largest finite |value| {biggest:.6g}). "
+                    "Check the backbone output, or create the store with dtype='float32' (--dtype float32)")
+            return out
+        return arr  # uint8 handled by the callers
+
+    def _as_masks(self, masks, n: int) -> np.ndarray:
+        if masks is None:
+            return np.zeros((n, *self._mask_hw), np.uint8)
+        m = np.asarray(masks)
+        if m.shape != (n, *self._mask_hw):
+            raise CacheMismatchError(f"masks have shape {m.shape}; {self.path} expects {(n, *self._mask_hw)} "
+                                     "(masks are stored at the backbone's input resolution)")
+        return (m > 0).astype(np.uint8)
+
+    def _as_previews(self, previews, n: int) -> Optional[np.ndarray]:
+        if self._preview_hw is None:
+            if previews is not None:
+                raise CacheMismatchError(f"{self.path} was created without previews (preview_size=None)")
+            return None
+        shape = (n, *self._preview_hw, 3)
+        if previews is None:
+            return np.zeros(shape, np.uint8)
+        v = np.asarray(previews)
+        if v.shape != shape or v.dtype != np.uint8:
+            raise CacheMismatchError(f"previews have shape {v.shape} and dtype {v.dtype}; "
+                                     f"{self.path} expects {shape} uint8")
+        return v
+
+    def _set_status(self, idx: np.ndarray, value: int) -> None:
+        self._b.flush()  # data before status
+        order = np.sort(idx)
+        arr = self._b.array(L.STATUS)
+        for start, stop, _ in _runs(order):
+            arr[start:stop] = np.full(stop - start, value, np.int8)
+        self._b.flush()
+        self._status[idx] = value
+
+    def write(self, i: int, *, patch_tokens, class_token, mask=None, preview=None) -> None:
+        """Write image ``i``: ``patch_tokens (P, C)``, ``class_token (C,)``, ``mask (H, W)`` (any value
+        above 0 is anomalous; None = all normal), ``preview (h, w, 3) uint8``; then mark it complete."""
+        for name, value, shape in (("patch_tokens", patch_tokens, (self._p, self._c)),
+                                   ("class_token", class_token, (self._c,))):
+            if np.shape(value) != shape:
+                raise CacheMismatchError(f"{name} for image {i} has shape {np.shape(value)}; "
+                                         f"{self.path} expects {shape}")
+        self.write_batch(
+            [i],
+            patch_tokens=np.asarray(patch_tokens)[None],
+            class_tokens=np.asarray(class_token)[None],
+            masks=None if mask is None else np.asarray(mask)[None],
+            previews=None if preview is None else np.asarray(preview)[None],
+        )
+
+    def write_batch(self, indices, *, patch_tokens, class_tokens, masks=None, previews=None) -> None:
+        """Write n images at once: ``patch_tokens (n, P, C)``, ``class_tokens (n, C)``,
+        ``masks (n, H, W)`` or None, ``previews (n, h, w, 3) uint8`` or None; then mark them complete.
+
+        Images that were complete are first marked pending, so a crash while
+        overwriting them never leaves old status over new, partial data.
+        """
+        self._require_writable()
+        idx = self._check_indices(indices)
+        if np.unique(idx).size != idx.size:
+            raise CacheMismatchError(f"write_batch got a repeated image index in {idx.tolist()}")
+        n, p, c = idx.size, self._p, self._c
+        pt = self._as_array(patch_tokens, (n, p, c), self._dtype, "patch_tokens")
+        ct = self._as_array(class_tokens, (n, c), self._dtype, "class_tokens")
+        mk = self._as_masks(masks, n)
+        pv = self._as_previews(previews, n)
+        redo = idx[self._status[idx] != L.PENDING]
+        if redo.size:
+            log.debug("%s: overwriting %d images that were complete or skipped", self.path, redo.size)
+            self._set_status(redo, L.PENDING)
+        order = np.argsort(idx, kind="stable")
+        pairs = [(L.PATCH_TOKENS, pt), (L.CLASS_TOKENS, ct), (L.MASKS, mk)]
+        if pv is not None:
+            pairs.append((L.PREVIEWS, pv))
+        for name, data in pairs:
+            arr = self._b.array(name)
+            for start, stop, pos in _runs(idx[order]):
+                arr[start:stop] = data[order[pos]]
+        self._set_status(idx, L.COMPLETE)
+
+    def mark_skipped(self, i: int, reason: str) -> None:
+        """Record image ``i`` as skipped (e.g. an unreadable file) with a short ``reason``."""
+        self._require_writable()
+        i = int(self._check_indices([i])[0])
+        if self._status[i] == L.COMPLETE:
+            self._set_status(np.array([i]), L.PENDING)
+        raw = str(reason).encode("utf-8")[: L.SKIP_REASON_BYTES]
+        row = np.zeros((1, L.SKIP_REASON_BYTES), np.uint8)
+        row[0, : len(raw)] = np.frombuffer(raw, np.uint8)
+        self._b.array(L.SKIP_REASONS)[i : i + 1] = row
+        self._set_status(np.array([i]), L.SKIPPED)
+
+    # -- reading ----------------------------------------------------------------
+    def _require_complete(self, idx: np.ndarray) -> None:
+        bad = idx[self._status[idx] != L.COMPLETE]
+        if not bad.size:
+            return
+        first = int(bad[0])
+        state = L.STATUS_NAMES[int(self._status[first])]
+        n_bad = np.unique(bad).size
+        msg = (f"{self.path}: {n_bad} of the requested images are not complete, e.g. image {first} "
+               f"{self._samples[first]['path']!r} ({state}). ")
+        if state == "pending":
+            msg += f"Its features were never fully written: {_RESUME_HINT}."
+        else:
+            msg += (f"It was skipped ({self.skip_reason(first)}); leave skipped images out "
+                    "(store.indices() lists the complete ones).")
+        raise IncompleteCacheError(msg)
+
+    def _read(self, name: str, idx: np.ndarray, dtype=None) -> np.ndarray:
+        """Rows ``idx`` of array ``name``, in the order given (reads whole runs of consecutive images)."""
+        self._require_complete(idx)
+        arr = self._b.array(name)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        buf = np.empty((uniq.size, *arr.shape[1:]), dtype=dtype or arr.dtype)
+        for start, stop, pos in _runs(uniq):
+            buf[pos] = arr[start:stop]
+        if uniq.size == idx.size and np.array_equal(uniq, idx):
+            return buf
+        return buf[inverse.reshape(-1)]
+
+    def read_patch_tokens(self, indices) -> np.ndarray:
+        """``(n, P, C)`` in the store's dtype."""
+        return self._read(L.PATCH_TOKENS, self._check_indices(indices))
+
+    def read_class_tokens(self, indices) -> np.ndarray:
+        """``(n, C)`` in the store's dtype."""
+        return self._read(L.CLASS_TOKENS, self._check_indices(indices))
+
+    def read_features(self, indices, dtype: Optional[str] = None) -> np.ndarray:
+        """``(n, P, 2C)``: ``[class token repeated ; patch token]``, class token first.
+
+        ``dtype`` defaults to the store's ("float16"); pass "float32" to widen on read.
+        """
+        idx = self._check_indices(indices)
+        dt = np.dtype(dtype or self._dtype)
+        patches = self._read(L.PATCH_TOKENS, idx)
+        cls = self._read(L.CLASS_TOKENS, idx)
+        c = self._c
+        out = np.empty((idx.size, self._p, 2 * c), dtype=dt)
+        out[:, :, :c] = cls[:, None, :]
+        out[:, :, c:] = patches
+        return out
+
+    def iter_features(self, indices=None, chunk: int = 64,
+                      dtype: Optional[str] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(idx_chunk (m,), features (m, P, 2C))`` over ``indices`` (default: all complete)."""
+        idx = self.indices() if indices is None else self._check_indices(indices)
+        if chunk < 1:
+            raise CacheMismatchError(f"chunk must be at least 1, got {chunk}")
+        self._require_complete(idx)
+        for s in range(0, idx.size, chunk):
+            part = idx[s : s + chunk]
+            yield part, self.read_features(part, dtype=dtype)
+
+    def read_masks(self, indices) -> np.ndarray:
+        """``(n, H, W) uint8`` in {0, 1}."""
+        return self._read(L.MASKS, self._check_indices(indices))
+
+    def read_previews(self, indices) -> np.ndarray:
+        """``(n, h, w, 3) uint8``; raises CacheError for a store without previews."""
+        if self._preview_hw is None:
+            raise CacheError(f"{self.path} has no previews (imported features carry no images)")
+        return self._read(L.PREVIEWS, self._check_indices(indices))
+
+    # -- comparing and describing ---------------------------------------------
+    def check_compatible(self, attributes: Mapping) -> list[tuple[str, object, object]]:
+        """``(key, stored, requested)`` for each key of ``attributes`` whose stored value differs.
+
+        ``extract`` uses it before resuming: an empty list means the settings match.
+        """
+        return L.differences(self._attrs, attributes)
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the attributes that define the features plus the sample table."""
+        attrs = {k: v for k, v in self._attrs.items() if k not in L.VOLATILE_KEYS}
+        blob = json.dumps({"attrs": attrs, "samples": self._samples}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def summary(self) -> dict:
+        """A JSON-serialisable description (what ``funad cache info --json`` prints)."""
+        groups: dict[tuple, dict] = {}
+        for s, st in zip(self._samples, self._status.tolist()):
+            key = (s["split"], s["label"], s["defect_type"])
+            g = groups.setdefault(key, {"split": key[0], "label": key[1], "defect_type": key[2],
+                                        "images": 0, "complete": 0, "pending": 0, "skipped": 0})
+            g["images"] += 1
+            g[L.STATUS_NAMES[st]] += 1
+        counts = [groups[k] for k in sorted(groups, key=lambda k: (L.SPLITS.index(k[0]), k[1], k[2]))]
+        n_complete = int(self.complete.sum())
+        skipped = [{"index": int(i), "path": self._samples[i]["path"], "reason": self.skip_reason(int(i))}
+                   for i in np.flatnonzero(self._status == L.SKIPPED)]
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "size_on_disk_bytes": self._b.size_on_disk(),
+            "n_images": self._n,
+            "n_complete": n_complete,
+            "n_pending": int((self._status == L.PENDING).sum()),
+            "n_skipped": len(skipped),
+            "completeness": n_complete / self._n,
+            "fingerprint": self.fingerprint(),
+            "counts": counts,
+            "skipped": skipped,
+            "attrs": copy.deepcopy(self._attrs),
+        }
+
+    # -- lifetime ---------------------------------------------------------------
+    def close(self) -> None:
+        self._b.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({str(self.path)!r}, format={self.format!r}, n_images={self._n}, "
+                f"grid={self._grid}, token_dim={self._c}, dtype={self._dtype!r}, "
+                f"complete={int(self.complete.sum())}/{self._n})")
