@@ -1,0 +1,116 @@
+"""``funad fit``: train FUN-AD (or kNN) on a feature cache and write a model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from funad.config import DEFAULT_PRESET, PRESETS
+
+from .common import RichProgress, console, user_errors
+
+
+def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    """``("lambda_=1", "r=0.25")`` -> ``(("lambda_", 1.0), ("r", 0.25))``, typed like FunADConfig.
+
+    A misspelt name or a bad value raises click.BadParameter naming it.
+    """
+    from funad.config import FunADConfig
+    from funad.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
+        try:
+            out[name] = FunADConfig.parse_value(name, text.strip())
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--set") from None
+    return tuple(sorted(out.items()))
+
+
+# Options that define the fit; on --resume those not given take the recorded value.
+_SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select")
+
+
+def _recorded_options(model_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("options")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@click.command("fit")
+@click.argument("cache_path", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "model_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Model directory to write (weights, config.json, train_log.jsonl, checkpoint.pt).")
+@click.option("--method", default="funad", show_default=True, type=click.Choice(["funad", "knn"]),
+              help="FUN-AD, or the kNN (PatchCore-style) baseline.")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(sorted(PRESETS)),
+              help="FUN-AD settings bundle: 'paper' is the faithful algorithm; the others trade measured accuracy for speed.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+              help="Override one FunADConfig field (repeatable), e.g. --set lambda_=1 --set bank_every=4.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's number of epochs.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the contamination draw and the training (same seed on the CPU = identical weights).")
+@click.option("--contamination", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              metavar="RATIO", help="Anomaly-to-normal ratio of test anomalies moved into training (0.1 = 10%).")
+@click.option("--overlap/--no-overlap", default=False, show_default=True,
+              help="Keep the moved anomalies in the test set as well (the paper's 'overlap' setting).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--resident", default="auto", show_default=True, type=click.Choice(["auto", "memory", "stream"]),
+              help="Training features: in memory (GPU when it fits), streamed from the store, or chosen by size.")
+@click.option("--coreset-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="kNN only: keep this fraction of the bank (greedy coreset); default: the whole bank.")
+@click.option("--select", default="final", show_default=True, type=click.Choice(["final", "oracle"]),
+              help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
+@click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+@user_errors
+def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
+        seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
+        select: str, resume: bool, overwrite: bool) -> None:
+    """Fit a model on the features in CACHE and write it to MODEL_DIR.
+
+    \b
+    Test anomalies can be moved into the unlabelled training set to measure
+    robustness to contamination (--contamination, --overlap); the moved
+    images are recorded in config.json. The final epoch is kept.
+    """
+    from funad.pipelines.fit import FitSpec, fit as run_fit
+
+    options = {"method": method, "preset": preset, "epochs": epochs, "seed": seed,
+               "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select}
+    overrides = parse_sets(sets)
+    recorded = _recorded_options(model_dir) if resume else None
+    if recorded:
+        ctx = click.get_current_context()
+        for name in _SPEC_OPTIONS:
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                options[name] = recorded.get(name, options[name])
+        # --set on --resume adds to the recorded overrides (a change is then refused by the pipeline).
+        overrides = tuple(sorted({**(recorded.get("overrides") or {}), **dict(overrides)}.items()))
+    if options["method"] != "knn" and options["coreset_ratio"] is not None:
+        raise click.BadParameter("applies to --method knn only", param_hint="--coreset-ratio")
+    if options["method"] == "knn" and overrides:
+        raise click.BadParameter("FunADConfig overrides do not apply to --method knn", param_hint="--set")
+    spec = FitSpec(method=options["method"], preset=options["preset"], overrides=overrides, epochs=options["epochs"],
+                   seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
+                   coreset_ratio=options["coreset_ratio"], select=options["select"])
+    with RichProgress() as progress:
+        result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
+                         overwrite=overwrite, progress=progress)
+    split = result.config["contamination"]
+    console.print(
+        f"[green]model written to {model_dir}[/] ({spec.method}"
+        f"{', preset ' + spec.preset if spec.method == 'funad' else ''}, {split['n_train']} training images, "
+        f"{split['n_moved']} moved anomalies, {result.seconds:.1f} s)"
+    )
+    if spec.select == "oracle":
+        console.print("[bold red]ORACLE selection: the epoch was chosen with TEST labels; "
+                      "results from this model are not comparable with final-epoch ones.[/]")

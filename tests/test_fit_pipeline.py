@@ -1,0 +1,301 @@
+"""`funad fit`: the pipeline, the model directory and the CLI on tiny synthetic stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from funad import cache
+from funad.cli.fit_cmd import fit as fit_cmd
+from funad.pipelines import fit as fit_pipeline
+from funad.pipelines import modeldir
+from funad.pipelines.errors import ModelDirError, PipelineError
+from funad.pipelines.features import StoreSource, choose_residency, feature_bytes, load_features, patch_labels
+
+GRID, C, MASK = (2, 2), 4, (8, 8)  # P = 4 patches, D = 2C = 8
+FAST = ["--set", "batch_size=4", "--epochs", "2", "--device", "cpu"]
+
+
+def make_store(path, *, n_train=8, n_test_good=4, n_test_bad=6, labelled=True, complete=True, seed=0):
+    """A tiny store: normal patches near 0, anomalous images with one shifted, masked patch."""
+    rng = np.random.default_rng(seed)
+    label = (lambda v: v) if labelled else (lambda v: -1)
+    samples = (
+        [{"path": f"train/good/{i:03d}.png", "split": "train", "label": label(0), "defect_type": "good"}
+         for i in range(n_train)]
+        + [{"path": f"test/good/{i:03d}.png", "split": "test", "label": label(0), "defect_type": "good"}
+           for i in range(n_test_good)]
+        + [{"path": f"test/crack/{i:03d}.png", "split": "test", "label": label(1), "defect_type": "crack"}
+           for i in range(n_test_bad)]
+    )
+    n, p = len(samples), GRID[0] * GRID[1]
+    patches = rng.normal(0, 0.1, (n, p, C)).astype(np.float32)
+    classes = rng.normal(0, 0.1, (n, C)).astype(np.float32)
+    masks = np.zeros((n, *MASK), np.uint8)
+    for i, s in enumerate(samples):
+        if s["defect_type"] == "crack":
+            patches[i, 3] += 3.0  # bottom-right patch
+            masks[i, 5:8, 5:8] = 1
+    store = cache.create(path, samples=samples, grid=GRID, token_dim=C, mask_size=MASK, preview_size=None,
+                         dtype="float32", attributes={"backbone": "synthetic", "layer": 1})
+    last = n if complete else n - 2
+    store.write_batch(np.arange(last), patch_tokens=patches[:last], class_tokens=classes[:last], masks=masks[:last])
+    store.close()
+    return path
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return make_store(tmp_path / "feats.zarr")
+
+
+def run(args):
+    result = CliRunner().invoke(fit_cmd, [str(a) for a in args])
+    return result
+
+
+# ----------------------------------------------------------------- features
+
+
+def test_patch_labels_max_pool_masks():
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[0, 5, 5] = 1  # one pixel in the bottom-right cell
+    masks[1, 0:4, 0:4] = 1  # exactly the top-left cell
+    out = patch_labels(masks, (2, 2))
+    assert out.tolist() == [[0, 0, 0, 1], [1, 0, 0, 0]]
+
+
+def test_residency_auto_follows_budget():
+    cpu = torch.device("cpu")
+    need = feature_bytes(230, 784, 768)
+    assert need == 230 * 784 * 768 * 4
+    assert choose_residency("auto", need, cpu, ram=4 * need, gpu_free=0) == ("memory", cpu)
+    assert choose_residency("auto", need, cpu, ram=need, gpu_free=0)[0] == "stream"  # 50% budget
+    assert choose_residency("stream", 10, cpu, ram=10**9, gpu_free=0)[0] == "stream"
+    assert choose_residency("memory", need, cpu, ram=need, gpu_free=0)[0] == "memory"
+    with pytest.raises(PipelineError, match="--resident"):
+        choose_residency("disk", need, cpu, ram=need, gpu_free=0)
+
+
+def test_store_source_matches_memory(store_path):
+    with cache.open(store_path) as store:
+        ids = np.array([9, 2, 5])
+        src = StoreSource(store, ids)
+        mem = load_features(store, ids)
+        assert (src.n_images, src.n_patches, src.dim) == (3, 4, 8)
+        got = src.get(np.array([2, 0]))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, mem[[2, 0]])
+        torch.testing.assert_close(mem[1], torch.from_numpy(store.read_features([2], dtype="float32")[0]))
+
+
+# ------------------------------------------------------------------ the fit
+
+
+def test_fit_cli_writes_model_dir(store_path, tmp_path):
+    out = tmp_path / "model"
+    res = run([store_path, "-o", out, *FAST, "--contamination", "0.25", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "train_log.jsonl", "checkpoint.pt"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "funad" and cfg["selection"] == "final" and cfg["complete"] is True
+    assert cfg["config"]["batch_size"] == 4 and cfg["config"]["epochs"] == 2 and cfg["config"]["seed"] == 3
+    assert cfg["cache"]["fingerprint"] and cfg["cache"]["attrs"]["backbone"] == "synthetic"
+    assert cfg["cache"]["grid"] == [2, 2] and cfg["cache"]["feature_dim"] == 8
+    split = cfg["contamination"]
+    assert split["ratio"] == 0.25 and split["overlap"] is False and split["seed"] == 3
+    assert split["n_moved"] == 2 == len(split["moved_ids"])  # round(0.25 * 8)
+    assert all(p.startswith("test/crack/") for p in split["moved_paths"])
+    assert set(split["moved_ids"]) <= set(split["train_ids"])
+    assert not set(split["moved_ids"]) & set(split["test_ids"])  # no overlap
+    assert len(split["train_ids"]) == 10 and len(split["test_ids"]) == 8
+    assert cfg["fit_seconds"] > 0
+
+    log = modeldir.read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert "bank_purity" in json.dumps(log[0]) or "purity" in json.dumps(log[0])  # diagnostics are logged
+
+    model, info = modeldir.load_model_dir(out)
+    assert info.method == "funad" and info.moved_ids.tolist() == split["moved_ids"]
+    with cache.open(store_path) as store:
+        x = torch.from_numpy(store.read_features(info.test_ids, dtype="float32"))
+    scores = model.score_patches(x)
+    assert scores.shape == (8, 4) and np.isfinite(scores).all()
+
+
+def test_overlap_keeps_moved_in_test(store_path, tmp_path):
+    res = run([store_path, "-o", tmp_path / "m", *FAST, "--contamination", "0.25", "--overlap"])
+    assert res.exit_code == 0, res.output
+    split = json.loads((tmp_path / "m" / "config.json").read_text())["contamination"]
+    assert split["overlap"] is True and set(split["moved_ids"]) <= set(split["test_ids"])
+    assert len(split["test_ids"]) == 10
+
+
+def test_same_seed_same_weights_and_stream_equals_memory(store_path, tmp_path):
+    for name, resident in (("a", "memory"), ("b", "memory"), ("c", "stream")):
+        res = run([store_path, "-o", tmp_path / name, *FAST, "--resident", resident])
+        assert res.exit_code == 0, res.output
+    a, b, c = (modeldir.load_weights(tmp_path / n) for n in "abc")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
+
+
+def test_resume_gives_the_uninterrupted_weights(store_path, tmp_path):
+    full = tmp_path / "full"
+    assert run([store_path, "-o", full, *FAST[:2], "--epochs", "3", "--device", "cpu"]).exit_code == 0
+
+    # An interrupted fit: stop after the checkpoint of epoch 2.
+    part = tmp_path / "part"
+    spec = fit_pipeline.FitSpec(overrides=(("batch_size", 4),), epochs=3)
+
+    class Stop(Exception):
+        pass
+
+    real_save = modeldir.save_checkpoint
+
+    def save_then_maybe_stop(path, state):
+        real_save(path, state)
+        if fit_pipeline._checkpoint_epoch(state) >= 2:
+            raise Stop
+
+    fit_pipeline.modeldir.save_checkpoint = save_then_maybe_stop
+    try:
+        with pytest.raises(Stop):
+            fit_pipeline.fit(store_path, part, spec, device="cpu", checkpoint_seconds=0)
+    finally:
+        fit_pipeline.modeldir.save_checkpoint = real_save
+    assert not (part / "model.safetensors").exists()
+    assert json.loads((part / "config.json").read_text())["complete"] is False
+    with pytest.raises(ModelDirError, match="did not finish"):
+        modeldir.load_model_dir(part)
+
+    # Without --resume the unfinished directory is protected.
+    res = run([store_path, "-o", part, *FAST[:2], "--epochs", "3", "--device", "cpu"])
+    assert res.exit_code != 0 and "--resume" in res.output
+    # --resume takes the recorded options when none are given.
+    res = run([store_path, "-o", part, "--resume", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    a, b = modeldir.load_weights(full), modeldir.load_weights(part)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert [r["epoch"] for r in modeldir.read_log(part)] == [1, 2, 3]
+
+    # A finished fit is extended with a larger --epochs, and only then.
+    short = tmp_path / "short"
+    assert run([store_path, "-o", short, *FAST]).exit_code == 0  # 2 epochs
+    res = run([store_path, "-o", short, "--resume", "--device", "cpu"])
+    assert res.exit_code != 0 and "already finished" in res.output
+    res = run([store_path, "-o", short, "--resume", "--epochs", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    c = modeldir.load_weights(short)
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
+    assert json.loads((short / "config.json").read_text())["config"]["epochs"] == 3
+
+
+def test_resume_with_other_settings_is_refused(store_path, tmp_path):
+    out = tmp_path / "m"
+    (out).mkdir()
+    spec = fit_pipeline.FitSpec(overrides=(("batch_size", 4),), epochs=2)
+    fit_pipeline.fit(store_path, out, spec, device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["complete"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = run([store_path, "-o", out, "--resume", "--set", "lambda_=1", "--device", "cpu"])
+    assert res.exit_code != 0 and "lambda_" in res.output
+
+
+def test_knn_method(store_path, tmp_path):
+    out = tmp_path / "knn"
+    res = run([store_path, "-o", out, "--method", "knn", "--device", "cpu", "--contamination", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "train_log.jsonl").exists()
+    model, info = modeldir.load_model_dir(out)
+    assert info.method == "knn" and info.preset is None
+    with cache.open(store_path) as store:
+        labels = store.labels[info.test_ids]
+        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
+    assert scores[labels == 1].min() > scores[labels == 0].max()  # planted anomalies outscore
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_incomplete_cache_names_pending(tmp_path):
+    path = make_store(tmp_path / "partial.zarr", complete=False)
+    res = run([path, "-o", tmp_path / "m", *FAST])
+    assert res.exit_code != 0
+    assert "2 of 18 images are pending" in res.output and "funad extract" in res.output
+
+
+def test_too_small_for_batch_size(store_path, tmp_path):
+    res = run([store_path, "-o", tmp_path / "m", "--set", "batch_size=16", "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "8 training images" in res.output and "batch size 16" in res.output
+
+
+def test_unlabelled_cache(tmp_path):
+    path = make_store(tmp_path / "u.zarr", labelled=False)
+    res = run([path, "-o", tmp_path / "bad", *FAST, "--contamination", "0.1"])
+    assert res.exit_code != 0 and "--contamination must be 0" in res.output
+    res = run([path, "-o", tmp_path / "ok", *FAST])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert cfg["contamination"]["labelled"] is False and cfg["contamination"]["n_train"] == 8
+
+
+def test_no_training_images(tmp_path):
+    path = make_store(tmp_path / "t.zarr", n_train=0)
+    res = run([path, "-o", tmp_path / "m", *FAST])
+    assert res.exit_code != 0 and "no complete training images" in res.output
+
+
+def test_misspelt_set_and_existing_dir(store_path, tmp_path):
+    res = run([store_path, "-o", tmp_path / "m", "--set", "lamda=1"])
+    assert res.exit_code != 0 and "lamda" in res.output
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "something").write_text("x")
+    res = run([store_path, "-o", out, *FAST])
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    res = run([store_path, "-o", out, *FAST, "--overwrite"])
+    assert res.exit_code == 0, res.output
+
+
+def test_load_model_dir_names_missing_file(store_path, tmp_path):
+    out = tmp_path / "m"
+    assert run([store_path, "-o", out, *FAST]).exit_code == 0
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match="model.safetensors"):
+        modeldir.load_model_dir(out)
+    (out / "config.json").unlink()
+    with pytest.raises(ModelDirError, match="config.json"):
+        modeldir.load_model_dir(out)
+
+
+def test_oracle_selection_is_labelled(store_path, tmp_path):
+    out = tmp_path / "oracle"
+    res = run([store_path, "-o", out, *FAST, "--epochs", "3", "--select", "oracle"])
+    assert res.exit_code == 0, res.output
+    assert "ORACLE" in res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["selection"] == "oracle" and "TEST labels" in cfg["oracle"]["warning"]
+    curve = cfg["oracle"]["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2, 3]
+    best = max(curve, key=lambda p: p["mean"])
+    assert cfg["oracle"]["epoch"] == best["epoch"]
+    model, info = modeldir.load_model_dir(out)
+    assert info.is_oracle
+    from funad.metrics import image_metrics
+
+    with cache.open(store_path) as store:
+        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
+        labels = store.labels[info.test_ids]
+    assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(best["image_auroc"])
+    res = run([store_path, "-o", tmp_path / "k", "--method", "knn", "--select", "oracle"])
+    assert res.exit_code != 0 and "--select oracle" in res.output

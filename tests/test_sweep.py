@@ -1,0 +1,98 @@
+"""`funad sweep` on a tiny synthetic store: outputs, resume, grid parsing."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from click.testing import CliRunner
+
+from funad.cli.sweep_cmd import sweep as sweep_cmd
+from funad.pipelines import sweep as sw
+from funad.pipelines.errors import PipelineError
+from test_fit_pipeline import make_store  # tests/ is on sys.path (pytest rootdir-relative import)
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "f.zarr")
+    out = tmp_path / "sweep"
+    args = [str(store), "-o", str(out), "--contamination", "0,0.25", "--overlap", "both", "--methods", "funad,knn",
+            "--seeds", "0", "--set", "batch_size=4", "--epochs", "1", "--device", "cpu"]
+    res = CliRunner().invoke(sweep_cmd, args)
+    assert res.exit_code == 0, res.output
+
+    rows = rows_of(out / "results.csv")
+    # 2 methods x 2 overlap settings x 2 ratios x 1 seed
+    assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
+    for r in rows:
+        for m in sw.METRICS:
+            assert 0.0 <= float(r[m]) <= 1.0, (r["key"], m, r[m])
+        assert r["selection"] == "final" and float(r["peak_rss_mb"]) > 0
+    by_key = {r["key"]: r for r in rows}
+    # kNN with the planted anomalies: perfect without contamination...
+    assert float(by_key["knn|no-overlap|ratio=0|seed=0"]["image_auroc"]) == 1.0
+    # ... and the ratio-0 overlap cell is the no-overlap run, reused.
+    assert by_key["knn|overlap|ratio=0|seed=0"]["reused_from"] == "knn|no-overlap|ratio=0|seed=0"
+    moved = by_key["knn|overlap|ratio=0.25|seed=0"]
+    assert int(moved["n_moved"]) == 2 and int(moved["n_test"]) == 10
+    assert int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_test"]) == 8
+    funad = by_key["funad:fast|no-overlap|ratio=0.25|seed=0|batch_size=4"]
+    assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4"
+
+    md = (out / "results.md").read_text()
+    assert "| method | setting | 0% | 25% |" in md
+    assert "| knn | overlap |" in md and "| funad:fast (batch_size=4) | no overlap |" in md
+    assert "100.0 / " in md  # kNN image AUROC at 0%
+    png = (out / "auroc_vs_contamination.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # A second run skips every cell: no fit may run.
+    def no_fit(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(sw, "run_cell", no_fit)
+    res = CliRunner().invoke(sweep_cmd, args)
+    assert res.exit_code == 0, res.output
+    assert rows_of(out / "results.csv") == rows
+
+
+def test_sweep_extends_the_grid(tmp_path):
+    store = make_store(tmp_path / "f.zarr")
+    out = tmp_path / "sweep"
+    common = dict(overlap="no-overlap", methods=sw.parse_methods("knn"), device="cpu")
+    sw.sweep(store, out, ratios=[0.0], seeds=[0], **common)
+    rows = sw.sweep(store, out, ratios=[0.0, 0.25], seeds=[0, 1], **common)
+    assert sorted(r["key"] for r in rows) == [
+        "knn|no-overlap|ratio=0.25|seed=0", "knn|no-overlap|ratio=0.25|seed=1",
+        "knn|no-overlap|ratio=0|seed=0", "knn|no-overlap|ratio=0|seed=1",
+    ]
+    assert "±" in (out / "results.md").read_text()  # two seeds -> mean ± std
+
+
+def test_grid_parsing():
+    assert [m.label for m in sw.parse_methods("funad,knn,funad:paper,knn")] == ["funad:fast", "knn", "funad:paper"]
+    with pytest.raises(PipelineError, match="unknown preset"):
+        sw.parse_methods("funad:turbo")
+    with pytest.raises(PipelineError, match="unknown method"):
+        sw.parse_methods("patchcore")
+    assert sw.parse_grid_sets(["lambda_=0,2.5", "bank_every=1,4"]) == {"lambda_": [0.0, 2.5], "bank_every": [1, 4]}
+    with pytest.raises(Exception, match="lamda"):
+        sw.parse_grid_sets(["lamda=1"])
+    assert sw.parse_floats("0.1,0,0.1", "--contamination") == [0.0, 0.1]
+    cells = sw.build_grid(sw.parse_methods("funad,knn"), [0.0, 0.1], [False, True], [0, 1],
+                          {"lambda_": [0.0, 2.5]})
+    # funad: 2 overlaps x 2 ratios x 2 seeds x 2 lambdas; knn ignores --set
+    assert len(cells) == 16 + 8 and len({c.key for c in cells}) == 24
+
+
+def test_sweep_refuses_results_of_another_cache(tmp_path):
+    out = tmp_path / "sweep"
+    kw = dict(ratios=[0.0], overlap="no-overlap", methods=sw.parse_methods("knn"), device="cpu")
+    sw.sweep(make_store(tmp_path / "a.zarr"), out, **kw)
+    with pytest.raises(PipelineError, match="another cache"):
+        sw.sweep(make_store(tmp_path / "b.zarr", seed=1, n_train=9), out, **kw)
