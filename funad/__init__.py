@@ -8,7 +8,18 @@ arrays out, no paths and no printing. The feature store lives in
 
 __version__ = "0.1.0"
 
-from .config import FunADConfig, preset  # noqa: E402
-from .model import FunAD  # noqa: E402
+
+def __getattr__(name: str):
+    # Lazy: ``funad.cache`` and ``funad.cli`` are subpackages of ``funad``, so an
+    # eager ``import torch`` here would slow down ``funad cache info`` by seconds.
+    if name == "FunAD":
+        from .model import FunAD
+
+        return FunAD
+    if name in ("FunADConfig", "preset"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'funad' has no attribute {name!r}")
 
 __all__ = ["FunAD", "FunADConfig", "preset", "__version__"]

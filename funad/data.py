@@ -57,7 +57,9 @@ class TensorSource:
     def get(self, indices: np.ndarray) -> torch.Tensor:
         """Features of ``indices`` as float32 (len(indices), n_patches, dim)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.features.device)
-        return self.features.index_select(0, idx).float()
+        # Plain indexing: measured ~3.5x faster than index_select for a 32-image
+        # batch from a bottle-sized CPU tensor.
+        return self.features[idx].float()
 
 
 def as_source(features: Union[FeatureSource, torch.Tensor, np.ndarray]) -> FeatureSource:
