@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 SHARED ?= ../shared
 DEMO   ?= demo_out
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench bench-quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,19 +21,44 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed
 
 # End to end on the real MVTec AD bottle images with the offline stand-in
-# backbone (see ../shared/weights/README.md): extract once, fit, evaluate.
+# backbone (see ../shared/weights/README.md): extract once (resumes if
+# interrupted), fit FUN-AD with 10% of the test anomalies mixed unlabelled into
+# training, and evaluate on the rest. Open $(DEMO)/report/overview.png.
+WEIGHTS := $(SHARED)/weights/vit_small_patch14_dinov2.imgfocus.safetensors
+
 demo: venv
+	@test -d $(SHARED)/data/mvtec_ad/bottle || { echo "demo needs $(SHARED)/data beside the checkout (set SHARED=...)"; exit 1; }
 	$(BIN)/funad extract $(SHARED)/data/mvtec_ad/bottle -o $(DEMO)/bottle.zarr \
-	    --dataset mvtec --backbone vit_small_patch14_dinov2 \
-	    --weights $(SHARED)/weights/vit_small_patch14_dinov2.imgfocus.safetensors \
+	    --dataset mvtec --backbone vit_small_patch14_dinov2 --weights $(WEIGHTS) \
 	    --layer 7 --image-size 392
 	$(BIN)/funad cache info $(DEMO)/bottle.zarr
+	@# Fit once; an interrupted fit resumes, a finished one is kept.
+	@if [ -f $(DEMO)/model/model.safetensors ]; then echo "$(DEMO)/model is already fitted (rm -r it to re-fit)"; \
+	else $(BIN)/funad fit $(DEMO)/bottle.zarr -o $(DEMO)/model --contamination 0.1 --no-overlap \
+	    $$([ -f $(DEMO)/model/checkpoint.pt ] && echo --resume); fi
+	$(BIN)/funad eval $(DEMO)/model -o $(DEMO)/report
 
 test: venv
 	$(BIN)/pytest -m "not slow" tests
 
 test-slow: venv
 	$(BIN)/pytest -m slow tests
+
+# Speed benchmarks (short runs; each prints markdown with its machine and command).
+bench: venv
+	$(BIN)/python benchmarks/bench_extract.py > benchmarks/results/extract.md
+	$(BIN)/python benchmarks/bench_fit.py --p 196 > benchmarks/results/fit.md
+	$(BIN)/python benchmarks/bench_nn.py >> benchmarks/results/fit.md
+	$(BIN)/python benchmarks/bench_residency.py > benchmarks/results/fit-pipeline.md
+	$(BIN)/python benchmarks/bench_predict.py > benchmarks/results/predict.md
+	$(BIN)/python benchmarks/bench_eval.py > benchmarks/results/evaluation.md
+	$(BIN)/python benchmarks/bench_cache.py > benchmarks/results/cache.md
+	$(BIN)/python benchmarks/assemble.py
+
+# Quality grid on ../shared/data (see the script for the full grid's variables).
+bench-quality: venv
+	bash benchmarks/quality.sh
+	$(BIN)/python benchmarks/assemble.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

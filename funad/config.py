@@ -35,7 +35,7 @@ class FunADConfig:
     seed: int = 0  # seeds shuffling, bank sampling, perturbation noise and initial weights
     ms_on_clean: bool = False  # paper's reading: L_ms on clean predictions (2 forward passes); False = reference code
     # --- speed options (deviations; all off in the "paper" preset) ---
-    bank_every: int = 1  # rebuild the memory bank every N iterations (paper: 1)
+    bank_every: int = 1  # rebuild the memory bank every N iterations and at each epoch's first (paper: 1)
     bank_patches: Optional[int] = None  # keep at most this many randomly chosen bank patches (paper: all)
     batch_patches: Optional[int] = None  # patches sampled per image in each step (paper: all P)
     bf16: bool = False  # bfloat16 autocast for Local-Net forward passes and searches (paper: fp32)
@@ -102,10 +102,11 @@ class FunADConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "fast": {
-        "epochs": 40,
-        "bank_every": 8,
-        "bank_patches": 20000,
-        "batch_patches": 128,
+        "epochs": 60,
+        "bank_every": 14,
+        "bank_patches": 10000,
+        "batch_patches": 64,
+        "bf16": True,
         "lr": 1e-4,
     },
 }

@@ -1,0 +1,43 @@
+"""Assemble BENCHMARKS.md from the benchmark outputs in benchmarks/results/.
+
+Each benchmark script prints markdown with the machine it ran on and the
+command that produced it; `make bench` runs them and then this script. The
+prose in benchmarks/summary.md (claims checked against the numbers) goes first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = [
+    ("Quality: MVTec AD bottle", "quality-bottle.md"),
+    ("Quality: KolektorSDD", "quality-ksdd.md"),
+    ("Speed: extract", "extract.md"),
+    ("Speed: fit iteration, phase by phase", "fit.md"),
+    ("Speed: feature residency in fit", "fit-pipeline.md"),
+    ("Speed: predict", "predict.md"),
+    ("Speed: evaluation maths", "evaluation.md"),
+    ("Storage: compression choice", "cache.md"),
+]
+
+
+def main() -> None:
+    parts = ["# Benchmarks\n",
+             "Regenerate with `make bench` (speed) and `make bench-quality` (quality grid), "
+             "which rewrite `benchmarks/results/*.md` and then this file. Every figure below "
+             "names the command and machine it came from.\n"]
+    summary = HERE / "summary.md"
+    if summary.exists():
+        parts.append(summary.read_text())
+    for title, name in ORDER:
+        path = HERE / "results" / name
+        body = path.read_text().strip() if path.exists() else f"_not run yet: `{name}` is missing_"
+        # demote the scripts' own top-level headings below this section's
+        body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
+        parts.append(f"## {title}\n\n{body}\n")
+    (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
