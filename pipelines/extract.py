@@ -1,0 +1,345 @@
+"""``funad extract``: run the backbone once over a dataset and fill a feature store.
+
+Three stages overlap: a DataLoader decodes and pre-processes images (in worker
+processes on a GPU; between forward passes on CPU, see
+:func:`default_num_workers`), the main thread runs the backbone, and a writer
+thread stores finished batches (bounded queue, so memory stays flat). An image's status is written after its
+data, so an interrupted run keeps every finished image and a re-run on the same
+output resumes with the rest. Settings that change the features (backbone,
+weights, block, input size, precision, dtype) must match the store's to resume;
+``overwrite=True`` starts over instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+import funad
+from funad import cache
+
+from .backbone import Backbone, BackboneSpec, ImageTransform, MaskTransform, load_backbone, make_preview
+from .datasets import Sample, detect_kind, read_dataset
+from .errors import DatasetError, PipelineError
+from .progress import NullProgress, Progress
+
+logger = logging.getLogger(__name__)
+
+# Store attributes that must match before a run may resume into an existing store.
+# "weights" (the file path) is left out: the same file moved elsewhere has the same sha256.
+RESUME_KEYS = ("backbone", "weights_sha256", "layer", "image_size", "resize", "crop", "resize_interpolation",
+               "mean", "std", "grid", "token_dim", "precision", "dtype")
+# Batches waiting for the writer thread; bounds memory to this many batches of features.
+WRITE_QUEUE_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one run did: ``written`` new images, ``skipped`` bad ones, ``already`` complete before it."""
+
+    path: Path
+    n_images: int
+    written: int
+    skipped: int
+    already: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.written + self.skipped) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises PipelineError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass: 8 on CPU (memory stays small), 64 on a GPU (to keep it busy)."""
+    return 8 if device.type == "cpu" else 64
+
+
+def default_num_workers(device: torch.device) -> int:
+    """DataLoader worker processes: 0 on CPU, up to 8 on a GPU.
+
+    On CPU the forward pass already keeps every core busy (torch uses one thread
+    per core), so a worker process cannot overlap anything: it preempts torch's
+    threads, which then wait for each other, and costs more than the few ms per
+    image it would save. Loading in the main process between forward passes
+    measured ~1.0x forward-only throughput against ~0.9x with one worker
+    (benchmarks/results/extract.md). On a GPU the main process is mostly idle, so
+    workers decode and pre-process while the GPU runs.
+    """
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+# --------------------------------------------------------------------------- data loading
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, S, S)``, mask ``(S, S)``, preview, or an error."""
+
+    def __init__(self, root: Path, samples: list[Sample], indices: np.ndarray, image_size: int,
+                 preview_size: int) -> None:
+        self.root = root
+        self.samples = samples
+        self.indices = indices
+        self.image_size = image_size
+        self.preview_size = preview_size
+        self.image_tf = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # crop only; normalised on device
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        i = int(self.indices[k])
+        s = self.samples[i]
+        try:
+            crop, mask = self._load(s)
+        except Exception as exc:  # any decoding failure is reported with its path, in the main process
+            return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "index": i,
+            "error": None,
+            "image": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
+            "mask": mask,
+            "preview": make_preview(crop, self.preview_size),
+        }
+
+    def _load(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
+        with Image.open(self.root / s.path) as im:
+            im.load()
+            size = im.size
+            crop = self.image_tf.crop(im)
+        if s.mask_path is None:
+            return crop, np.zeros((self.image_size, self.image_size), np.uint8)
+        with Image.open(self.root / s.mask_path) as m:
+            if m.size != size:
+                raise DatasetError(f"mask {self.root / s.mask_path} is {m.size[0]}x{m.size[1]} but the image is "
+                                   f"{size[0]}x{size[1]}; masks must have their image's size")
+            mask = MaskTransform(self.image_size, s.mask_threshold)(m)
+        return crop, mask
+
+
+def _collate(items: list[dict]) -> dict:
+    good = [it for it in items if it["error"] is None]
+    batch = {"bad": [(it["index"], it["error"]) for it in items if it["error"] is not None],
+             "indices": np.array([it["index"] for it in good], dtype=np.int64)}
+    if good:
+        batch["images"] = torch.stack([it["image"] for it in good])
+        batch["masks"] = np.stack([it["mask"] for it in good])
+        batch["previews"] = np.stack([it["preview"] for it in good])
+    return batch
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Writer:
+    """A thread that writes batches to the store in order; errors surface in the caller's thread."""
+
+    def __init__(self, store, task, max_batches: int = WRITE_QUEUE_BATCHES) -> None:
+        self._store = store
+        self._task = task
+        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: Optional[BaseException] = None
+        self.written = 0
+        self.skipped = 0
+        self._thread = threading.Thread(target=self._run, name="funad-extract-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure so put() never blocks forever
+            try:
+                kind, payload = item
+                if kind == "skip":
+                    index, reason = payload
+                    self._store.mark_skipped(index, reason)
+                    self.skipped += 1
+                    self._task.advance(1)
+                else:
+                    self._store.write_batch(payload["indices"], patch_tokens=payload["patch_tokens"],
+                                            class_tokens=payload["class_tokens"], masks=payload["masks"],
+                                            previews=payload["previews"])
+                    self.written += len(payload["indices"])
+                    self._task.advance(len(payload["indices"]))
+            except BaseException as exc:  # re-raised in the main thread by put()/close()
+                self.error = exc
+
+    def put(self, kind: str, payload) -> None:
+        self._raise_error()
+        self._queue.put((kind, payload))
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, and re-raise a write error if one happened."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def extract(
+    data: Union[str, Path],
+    output: Union[str, Path],
+    *,
+    dataset: str = "auto",
+    backbone: Union[BackboneSpec, Backbone] = BackboneSpec(),
+    device: str = "auto",
+    batch_size: Optional[int] = None,
+    precision: str = "bf16",
+    format: Optional[str] = None,
+    dtype: str = "float16",
+    num_workers: Optional[int] = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: Progress = NullProgress(),
+) -> ExtractResult:
+    """Extract backbone features of every image of ``data`` into the store ``output``.
+
+    Args:
+        data: dataset folder; ``dataset`` names its layout (``auto`` detects it).
+        output: the store (zarr directory, or HDF5 for a ``.h5`` suffix / ``format="hdf5"``).
+        backbone: what to load (:class:`BackboneSpec`) or an already loaded :class:`Backbone`.
+        device: ``auto``, ``cpu`` or ``cuda``; ``precision``: autocast ``fp32``, ``bf16`` or ``fp16``.
+            Both apply when ``backbone`` is a spec; a loaded Backbone keeps its own.
+        batch_size: images per forward pass (None: :func:`default_batch_size`).
+        dtype: ``float16`` (default) or ``float32`` for the stored tokens.
+        num_workers: DataLoader worker processes (None: :func:`default_num_workers`).
+        skip_bad: record unreadable images as skipped instead of stopping.
+        overwrite: replace an existing store instead of resuming into it.
+
+    Returns an :class:`ExtractResult`. Raises :class:`DatasetError` for a bad
+    dataset or an unreadable image (without ``skip_bad``), :class:`BackboneError`
+    when the backbone cannot be loaded and ``CacheMismatchError`` when an existing
+    store was made with other settings.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise PipelineError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise PipelineError(f"--num-workers must be 0 or more, got {num_workers}")
+    root, output = Path(data), Path(output)
+    kind = detect_kind(root) if dataset == "auto" and root.is_dir() else dataset
+    samples = read_dataset(root, kind)
+    if isinstance(backbone, Backbone):
+        bb = backbone
+    else:
+        bb = load_backbone(backbone, resolve_device(device), precision=precision)
+    attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
+                  "dataset_kind": kind, "dataset_root": str(root.resolve())}
+    store = _open_store(output, samples, bb, attributes, dtype=dtype, format=format, overwrite=overwrite)
+    try:
+        return _run(store, root, samples, bb, skip_bad=skip_bad,
+                    batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
+                    num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
+                    progress=progress)
+    finally:
+        store.close()
+
+
+def _open_store(output: Path, samples: list[Sample], bb: Backbone, attributes: dict, *, dtype: str,
+                format: Optional[str], overwrite: bool):
+    records = [s.as_record() for s in samples]
+    if overwrite or not (output.exists() or output.is_symlink()):
+        return cache.create(output, samples=records, grid=bb.grid, token_dim=bb.token_dim,
+                            mask_size=(bb.image_size, bb.image_size), preview_size=bb.preview_size,
+                            dtype=dtype, attributes=attributes, format=format, overwrite=overwrite)
+    store = cache.open(output, "a", format=format)
+    try:
+        diffs = store.check_compatible({k: attributes[k] for k in RESUME_KEYS})
+        if diffs:
+            listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
+            raise cache.CacheMismatchError(
+                f"{output} was extracted with other settings ({listed}). Re-run with the store's settings to "
+                f"resume it, or pass --overwrite to start over")
+        _check_same_samples(output, store.samples, records)
+    except BaseException:
+        store.close()
+        raise
+    logger.info("resuming %s: %d of %d images already complete", output, int(store.complete.sum()), store.n_images)
+    return store
+
+
+def _check_same_samples(output: Path, stored: list[dict], records: list[dict]) -> None:
+    if stored == records:
+        return
+    if len(stored) != len(records):
+        detail = f"the store has {len(stored)} images, the dataset now has {len(records)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(stored, records)) if a != b)
+        detail = f"image {i} is {stored[i]} in the store but {records[i]} in the dataset"
+    raise cache.CacheMismatchError(f"{output} holds another sample table ({detail}); write to a new output, "
+                                   f"or pass --overwrite to start over")
+
+
+def _run(store, root: Path, samples: list[Sample], bb: Backbone, *, batch_size: int, num_workers: int,
+         skip_bad: bool, progress: Progress) -> ExtractResult:
+    pending = np.flatnonzero(~store.complete)
+    already = store.n_images - pending.size
+    if pending.size == 0:
+        logger.info("%s: all %d images are already complete", store.path, store.n_images)
+        return ExtractResult(Path(store.path), store.n_images, 0, 0, already, 0.0)
+    task = progress.task("extract", total=pending.size, unit="img")
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(root, samples, pending, bb.image_size, bb.preview_size),
+        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=bb.device.type == "cuda")
+    out_dtype = torch.float16 if store.dtype == "float16" else torch.float32
+    start = time.perf_counter()
+    writer = _Writer(store, task)
+    try:
+        for batch in loader:
+            for index, reason in batch["bad"]:
+                if not skip_bad:
+                    raise DatasetError(f"cannot read image {root / samples[index].path} ({reason}); fix or remove "
+                                       f"the file, or pass --skip-bad to record it as skipped and go on")
+                logger.warning("skipping %s: %s", root / samples[index].path, reason)
+                writer.put("skip", (index, reason))
+            if not len(batch["indices"]):
+                continue
+            cls, patches = bb(bb.normalize(batch["images"]))
+            writer.put("write", {
+                "indices": batch["indices"],
+                "patch_tokens": patches.to(out_dtype).cpu().numpy(),
+                "class_tokens": cls.to(out_dtype).cpu().numpy(),
+                "masks": batch["masks"],
+                "previews": batch["previews"],
+            })
+    except BaseException:
+        try:
+            writer.close()  # finished batches are stored even when the loop stops early
+        except Exception:
+            logger.exception("writing to %s failed while stopping", store.path)
+        raise
+    writer.close()
+    seconds = time.perf_counter() - start
+    result = ExtractResult(Path(store.path), store.n_images, writer.written, writer.skipped, already, seconds)
+    logger.info("%s: wrote %d images (%d skipped, %d already complete) in %.1f s, %.2f images/s", store.path,
+                result.written, result.skipped, already, seconds, result.images_per_second)
+    return result

@@ -1,0 +1,224 @@
+"""``funad extract`` with a tiny random ViT: store contents, resume, refusals, bad images, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
+import funad
+from funad import cache
+from funad.cli.extract_cmd import extract as extract_cli
+from funad.pipelines.backbone import Backbone, BackboneSpec, MaskTransform, image_transform, load_backbone
+from funad.pipelines.errors import DatasetError
+from funad.pipelines.extract import extract
+
+TINY = "vit_tiny_patch16_224"
+SIZE = 32  # grid 2x2, C = 192
+
+
+@pytest.fixture(scope="module")
+def bb() -> Backbone:
+    return load_backbone(BackboneSpec(TINY, image_size=SIZE, pretrained=False), "cpu", precision="fp32")
+
+
+def write_png(path: Path, seed: int, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def make_mvtec(root: Path, n_train: int = 5) -> Path:
+    """MVTec-like: n_train train/good, 1 test/good, 2 test/crack with a mask covering the right half."""
+    for i in range(n_train):
+        write_png(root / "train/good" / f"{i:03d}.png", seed=i)
+    write_png(root / "test/good/000.png", seed=100)
+    for i in range(2):
+        write_png(root / "test/crack" / f"{i:03d}.png", seed=200 + i)
+        m = np.zeros((30, 40), np.uint8)
+        m[:, 20:] = 255
+        (root / "ground_truth/crack").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save(root / "ground_truth/crack" / f"{i:03d}_mask.png")
+    return root
+
+
+class Recorder:
+    """A Progress that records what it is told."""
+
+    def __init__(self) -> None:
+        self.advanced = 0.0
+        self.total = None
+
+    def task(self, description, total=None, unit="it"):
+        self.total = total
+        return self
+
+    def advance(self, n=1):
+        self.advanced += n
+
+    def update(self, *, description=None, total=None, **fields):
+        pass
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_extract_fills_the_store(tmp_path, bb, fmt):
+    data = make_mvtec(tmp_path / "data")
+    out = tmp_path / ("feats.zarr" if fmt == "zarr" else "feats.h5")
+    progress = Recorder()
+    result = extract(data, out, backbone=bb, batch_size=3, num_workers=0, progress=progress)
+    assert (result.written, result.skipped, result.already, result.n_images) == (8, 0, 0, 8)
+    assert progress.total == 8 and progress.advanced == 8
+    with cache.open(out) as store:
+        assert store.format == fmt and store.complete.all()
+        assert store.grid == (2, 2) and store.token_dim == 192 and store.mask_size == (SIZE, SIZE)
+        assert [s["path"] for s in store.samples][:2] == ["train/good/000.png", "train/good/001.png"]
+        assert store.labels.tolist() == [0] * 5 + [1, 1, 0]  # test/crack sorts before test/good
+        attrs = store.attrs
+        assert attrs["backbone"] == TINY and attrs["layer"] == 11 and attrs["image_size"] == SIZE
+        assert attrs["resize"] == 37 and attrs["crop"] == SIZE and attrs["grid"] == [2, 2]
+        assert attrs["funad_version"] == funad.__version__ and attrs["dataset_kind"] == "mvtec"
+        assert attrs["dataset_root"] == str(data.resolve()) and attrs["weights_sha256"] == bb.weights_sha256
+        # features are the backbone's tokens of the pre-processed image, stored as float16
+        img = Image.open(data / "test/crack/001.png")
+        cls, patches = bb(image_transform(bb)(img)[None])
+        feats = store.read_features([6], dtype="float32")[0]
+        np.testing.assert_allclose(feats[:, 192:], patches[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(feats[:, :192], np.repeat(cls.numpy(), 4, axis=0), rtol=2e-3, atol=2e-3)
+        # masks follow the image geometry; normal images get an empty mask
+        mask = store.read_masks([6])[0]
+        np.testing.assert_array_equal(mask, MaskTransform(SIZE)(Image.open(data / "ground_truth/crack/001_mask.png")))
+        assert mask[:, -5:].all() and not mask[:, :5].any() and not store.read_masks([0]).any()
+        preview = store.read_previews([6])[0]
+        assert preview.shape == (SIZE, SIZE, 3) and preview.dtype == np.uint8
+        np.testing.assert_array_equal(preview, image_transform(bb).crop(img))
+
+
+def test_worker_processes_give_the_same_store(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    extract(data, tmp_path / "a.zarr", backbone=bb, batch_size=2, num_workers=0)
+    extract(data, tmp_path / "b.zarr", backbone=bb, batch_size=2, num_workers=1)
+    with cache.open(tmp_path / "a.zarr") as a, cache.open(tmp_path / "b.zarr") as b:
+        idx = np.arange(a.n_images)
+        np.testing.assert_array_equal(a.read_features(idx), b.read_features(idx))
+        np.testing.assert_array_equal(a.read_masks(idx), b.read_masks(idx))
+
+
+def test_resume_after_a_crash_gives_identical_features(tmp_path, bb, monkeypatch):
+    data = make_mvtec(tmp_path / "data")
+    extract(data, tmp_path / "clean.zarr", backbone=bb, batch_size=3, num_workers=0)
+
+    calls = {"n": 0}
+    original = Backbone.__call__
+
+    def crash_on_second_batch(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, tmp_path / "crash.zarr", backbone=bb, batch_size=3, num_workers=0)
+    monkeypatch.setattr(Backbone, "__call__", original)
+    with cache.open(tmp_path / "crash.zarr") as store:
+        assert store.status.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # the first batch survived the crash
+        first = store.read_patch_tokens([0, 1, 2])
+
+    result = extract(data, tmp_path / "crash.zarr", backbone=bb, batch_size=3, num_workers=0)
+    assert (result.already, result.written) == (3, 5)
+    with cache.open(tmp_path / "crash.zarr") as resumed, cache.open(tmp_path / "clean.zarr") as clean:
+        idx = np.arange(8)
+        assert resumed.complete.all()
+        np.testing.assert_array_equal(resumed.read_patch_tokens([0, 1, 2]), first)  # not recomputed
+        np.testing.assert_array_equal(resumed.read_features(idx), clean.read_features(idx))
+        np.testing.assert_array_equal(resumed.read_masks(idx), clean.read_masks(idx))
+
+    again = extract(data, tmp_path / "crash.zarr", backbone=bb, batch_size=3, num_workers=0)
+    assert (again.already, again.written) == (8, 0)
+
+
+def test_changed_settings_are_refused_unless_overwrite(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    out = tmp_path / "f.zarr"
+    extract(data, out, backbone=bb, batch_size=4, num_workers=0)
+    other = copy.copy(bb)
+    other.layer = 5
+    with pytest.raises(cache.CacheMismatchError, match=r"layer: store has 11, this run asks for 5.*--overwrite"):
+        extract(data, out, backbone=other, num_workers=0)
+    with pytest.raises(cache.CacheMismatchError, match=r"dtype: store has 'float16', this run asks for 'float32'"):
+        extract(data, out, backbone=bb, dtype="float32", num_workers=0)
+    write_png(data / "train/good/009.png", seed=9)
+    with pytest.raises(cache.CacheMismatchError, match=r"another sample table \(the store has 5 images, the dataset now has 6"):
+        extract(data, out, backbone=bb, num_workers=0)
+    result = extract(data, out, backbone=bb, dtype="float32", overwrite=True, num_workers=0)
+    assert result.written == 6
+    with cache.open(out) as store:
+        assert store.dtype == "float32" and store.n_images == 6
+
+
+def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data")
+    (data / "train/good/004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetError, match=r"cannot read image .*train/good/004\.png .*--skip-bad"):
+        extract(data, tmp_path / "stop.zarr", backbone=bb, batch_size=2, num_workers=0)
+    with cache.open(tmp_path / "stop.zarr") as store:
+        assert store.status.tolist()[:4] == [1, 1, 1, 1]  # batches before the bad image are kept
+
+    result = extract(data, tmp_path / "skip.zarr", backbone=bb, batch_size=2, num_workers=0, skip_bad=True)
+    assert (result.written, result.skipped) == (7, 1)
+    with cache.open(tmp_path / "skip.zarr") as store:
+        assert store.status.tolist() == [1, 1, 1, 1, 2, 1, 1, 1]
+        assert "UnidentifiedImageError" in store.skip_reason(4) or "OSError" in store.skip_reason(4)
+        assert 4 not in store.indices()
+
+
+def test_cli_extract_with_a_local_weights_file(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    args = [str(data), "-o", str(tmp_path / "f.zarr"), "--backbone", TINY, "--weights", str(weights),
+            "--image-size", str(SIZE), "--device", "cpu", "--precision", "fp32", "--num-workers", "0"]
+    res = CliRunner().invoke(extract_cli, args)
+    assert res.exit_code == 0, res.output
+    assert "5 images written, 0 skipped, 0 already complete" in res.output
+    with cache.open(tmp_path / "f.zarr") as store:
+        assert store.attrs["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert store.attrs["weights"] == str(weights.resolve())
+        assert store.complete.all()
+    res = CliRunner().invoke(extract_cli, [*args, "--layer", "3"])
+    assert res.exit_code == 1 and "layer: store has 11, this run asks for 3" in res.output
+
+
+@pytest.mark.realdata
+def test_real_bottle_images_with_offline_weights(tmp_path, shared_dir):
+    src = shared_dir / "data/mvtec_ad/bottle"
+    weights = shared_dir / "weights/vit_small_patch14_dinov2.imgfocus.safetensors"
+    data = tmp_path / "bottle"
+    for rel in ("train/good/000.png", "train/good/001.png", "test/good/000.png", "test/broken_large/000.png",
+                "ground_truth/broken_large/000_mask.png"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, data / rel)
+    spec = BackboneSpec("vit_small_patch14_dinov2", weights=str(weights), layer=7, image_size=392)
+    result = extract(data, tmp_path / "bottle.zarr", backbone=spec, device="cpu", batch_size=4, num_workers=0)
+    assert result.written == 4
+    with cache.open(tmp_path / "bottle.zarr") as store:
+        assert store.grid == (28, 28) and store.token_dim == 384 and store.feature_dim == 768
+        assert store.attrs["resize"] == 448 and store.attrs["layer"] == 7
+        assert store.attrs["weights_sha256"] == "7eff090d699a0b320248e02a16f776182f36f4f06b2597aead05498fb39e998e"
+        feats = store.read_features(np.arange(4), dtype="float32")
+        assert feats.shape == (4, 784, 768) and np.isfinite(feats).all()
+        broken = [s["path"] for s in store.samples].index("test/broken_large/000.png")
+        assert store.labels[broken] == 1 and store.labels.sum() == 1
+        masks = store.read_masks(np.arange(4))
+        assert masks.shape == (4, 392, 392) and masks[broken].sum() > 100 and masks.sum() == masks[broken].sum()
+        # the two normal training bottles resemble each other more than the broken one
+        patches = feats[:, :, 384:]
+        dist = lambda a, b: float(np.linalg.norm(patches[a] - patches[b], axis=1).mean())  # noqa: E731
+        assert dist(0, 1) < dist(0, broken)
