@@ -33,7 +33,8 @@ from PIL import Image
 
 from funad.pipelines.backbone import BackboneSpec, image_transform, load_backbone
 from funad.pipelines.datasets import read_dataset
-from funad.pipelines.extract import default_num_workers, extract, resolve_device
+from funad.pipelines.device import resolve_device
+from funad.pipelines.extract import default_num_workers, extract
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -28,7 +28,7 @@ import torch
 from funad import __version__, anomaly_map, cache, metrics
 
 from .errors import ModelDirError, PipelineError
-from .fit import resolve_device
+from .device import resolve_device
 from .modeldir import ModelInfo, check_cache_compatible, load_model_dir
 from .progress import NullProgress, Progress
 

@@ -31,6 +31,7 @@ from funad import cache
 from .backbone import Backbone, BackboneSpec, ImageTransform, MaskTransform, load_backbone, make_preview
 from .datasets import Sample, detect_kind, read_dataset
 from .errors import DatasetError, PipelineError
+from .device import resolve_device
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
@@ -57,18 +58,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return (self.written + self.skipped) / self.seconds if self.seconds > 0 else float("nan")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises PipelineError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
 
 
 def default_batch_size(device: torch.device) -> int:

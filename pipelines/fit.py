@@ -33,6 +33,7 @@ from funad.config import DEFAULT_PRESET, PRESETS, preset as make_preset
 
 from . import modeldir
 from .errors import PipelineError
+from .device import resolve_device
 from .features import RESIDENCIES, make_source, patch_labels
 from .progress import NullProgress, Progress
 
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = modeldir.METHODS
 SELECTIONS = modeldir.SELECTIONS
-DEVICES = ("auto", "cpu", "cuda")
 
 ORACLE_WARNING = (
     "--select oracle chooses the epoch by its image+pixel AUROC on the TEST labels (the reference code's "
@@ -105,17 +105,6 @@ class FitResult:
     config: dict  # the content of config.json
     seconds: float
     log: list = field(default_factory=list)  # the per-epoch records
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if device not in DEVICES:
-        raise PipelineError(f"--device must be one of {list(DEVICES)}, got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------ the split

@@ -32,7 +32,8 @@ from funad import __version__, anomaly_map
 
 from .errors import BackboneError, DatasetError, PipelineError
 from .backbone import PRECISIONS
-from .evaluate import MAP_SIGMA, check_report_dir, place_model, resolve_device
+from .device import resolve_device
+from .evaluate import MAP_SIGMA, check_report_dir, place_model
 from .modeldir import ModelInfo, load_model_dir
 from .progress import NullProgress, Progress
 

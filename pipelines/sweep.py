@@ -59,7 +59,8 @@ from . import modeldir
 from .errors import PipelineError
 from .evaluate import compute_metrics
 from .features import choose_residency, feature_bytes, load_features
-from .fit import check_complete, check_trainable, resolve_device, split_cache
+from .device import resolve_device
+from .fit import check_complete, check_trainable, split_cache
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
