@@ -34,7 +34,7 @@ def main() -> None:
         path = HERE / "results" / name
         body = path.read_text().strip() if path.exists() else f"_not run yet: `{name}` is missing_"
         # demote the scripts' own top-level headings below this section's
-        body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
+        body = "\n".join(("##" + line) if line.startswith("#") else line for line in body.splitlines())
         parts.append(f"## {title}\n\n{body}\n")
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
 
