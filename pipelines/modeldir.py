@@ -371,17 +371,27 @@ def load_model_dir(path: PathLike) -> tuple[Any, ModelInfo]:
     return model, info
 
 
+def _comparable(v: Any) -> Any:
+    """JSON form with floats rounded to 6 digits (mean/std survive float32 round trips)."""
+    v = _jsonable(v)
+    if isinstance(v, list):
+        return [_comparable(x) for x in v]
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def attr_differences(model_attrs: dict, other: dict, keys, other_name: str) -> list[str]:
+    """``"key: model X vs <other_name> Y"`` for every key in ``keys`` both sides record differently."""
+    return [f"{key}: model {model_attrs[key]!r} vs {other_name} {other[key]!r}" for key in keys
+            if key in model_attrs and key in other and _comparable(model_attrs[key]) != _comparable(other[key])]
+
+
 def check_cache_compatible(info: ModelInfo, attrs: dict, *, what: str = "the cache") -> None:
     """Raise ModelDirError when ``attrs`` (a store's attrs) define other features than the model's.
 
     Compares the feature-defining attributes in :data:`FEATURE_ATTRS` that
     both sides record; the message names every differing value.
     """
-    ours = info.cache.get("attrs", {})
-    diffs = []
-    for key in FEATURE_ATTRS:
-        if key in ours and key in attrs and _jsonable(ours[key]) != _jsonable(attrs[key]):
-            diffs.append(f"{key}: model {ours[key]!r} vs {what} {attrs[key]!r}")
+    diffs = attr_differences(info.cache.get("attrs", {}), attrs, FEATURE_ATTRS, what)
     if diffs:
         raise ModelDirError(
             f"model {info.path} was fitted on other features than {what}: " + "; ".join(diffs)

@@ -34,7 +34,7 @@ from .errors import BackboneError, DatasetError, PipelineError
 from .backbone import PRECISIONS
 from .device import resolve_device
 from .evaluate import MAP_SIGMA, check_report_dir, place_model
-from .modeldir import ModelInfo, load_model_dir
+from .modeldir import ModelInfo, attr_differences, load_model_dir
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
@@ -176,23 +176,12 @@ def backbone_for_model(info: ModelInfo, device: torch.device, *, weights: Option
 
 def check_backbone(have: dict, recorded: dict, info: ModelInfo) -> None:
     """Raise BackboneError when a rebuilt backbone's metadata differs from the model's record."""
-    diffs = []
-    for key in CHECKED_ATTRS:
-        if key in recorded and key in have and _norm(have[key]) != _norm(recorded[key]):
-            diffs.append(f"{key}: model {recorded[key]!r} vs backbone {have[key]!r}")
+    diffs = attr_differences(recorded, have, CHECKED_ATTRS, "backbone")
     if diffs:
         raise BackboneError(
             f"the backbone rebuilt for model {info.path} does not reproduce its features: " + "; ".join(diffs)
             + ". Use the backbone settings and weights the model's cache was extracted with."
         )
-
-
-def _norm(v):
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    if isinstance(v, float):
-        return round(v, 6)
-    return v
 
 
 def features(bb, crops: torch.Tensor, store_dtype: str = "float32") -> torch.Tensor:
