@@ -154,6 +154,8 @@ class FunAD:
             raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         device = torch.device(device) if device is not None else source_device(source)
         diag = _Diagnostics(diagnostics, n, p)
+        if diag.patch_labels is not None:
+            diag.patch_labels = diag.patch_labels.to(device)
 
         net = LocalNet(dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -247,19 +249,21 @@ class FunAD:
             stats.sums[key] = stats.sums[key] + value.detach()
         stats.n_pairs += int(pairs.shape[0])
         if diag.patch_labels is not None:
-            truth = diag.patch_labels[torch.as_tensor(batch_idx)]
-            truth = truth if positions is None else truth[:, positions]
-            truth, pred = truth.flatten(), y.detach().bool().cpu()
-            stats.tp += int((pred & truth).sum())
-            stats.fp += int((pred & ~truth).sum())
-            stats.fn += int((~pred & truth).sum())
+            # Counted on the device; read back once per epoch (no per-step host sync).
+            truth = diag.patch_labels[torch.as_tensor(batch_idx, device=diag.patch_labels.device)]
+            truth = truth if positions is None else truth[:, positions.to(truth.device)]
+            truth, pred = truth.flatten(), y.detach().bool()
+            stats.tp = stats.tp + (pred & truth).sum()
+            stats.fp = stats.fp + (pred & ~truth).sum()
+            stats.fn = stats.fn + (~pred & truth).sum()
 
     @staticmethod
     def _record(stats: _EpochStats, epoch: int, times: dict, diag: _Diagnostics) -> dict:
         record = stats.record(epoch, times)
         if diag.patch_labels is not None:
-            record["pseudo_precision"] = _ratio(stats.tp, stats.tp + stats.fp)
-            record["pseudo_recall"] = _ratio(stats.tp, stats.tp + stats.fn)
+            tp, fp, fn = int(stats.tp), int(stats.fp), int(stats.fn)
+            record["pseudo_precision"] = _ratio(tp, tp + fp)
+            record["pseudo_recall"] = _ratio(tp, tp + fn)
         return record
 
     # ------------------------------------------------------------ checkpoints
