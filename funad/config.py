@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "fast": {
         "epochs": 60,
-        "bank_every": 14,
+        "bank_every": 14,  # plus each epoch's first step: once per epoch when an epoch has <= 14 steps
         "bank_patches": 10000,
         "batch_patches": 64,
         "bf16": True,
