@@ -33,7 +33,8 @@ from funad import __version__, anomaly_map
 from .errors import BackboneError, DatasetError, PipelineError
 from .backbone import PRECISIONS
 from .device import resolve_device
-from .evaluate import MAP_SIGMA, check_report_dir, place_model
+from .evaluate import check_report_dir, place_model
+from .scoring import MAP_SIGMA
 from .modeldir import ModelInfo, attr_differences, load_model_dir
 from .progress import NullProgress, Progress
 

@@ -1,0 +1,98 @@
+"""The one scoring path: patch scores -> image scores and anomaly maps -> the report's metrics.
+
+``funad eval``, every ``funad sweep`` cell and ``funad fit --select oracle``
+call :func:`measure`, so all three build maps with the same Gaussian
+(:data:`MAP_SIGMA`) on the cache's grid and mask size, and compute the same
+metrics with :mod:`funad.metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from funad import anomaly_map, metrics
+
+from .progress import NullProgress, Progress
+
+# Gaussian smoothing of the upsampled patch scores, in input pixels (FUNAD_SPEC "Inference").
+MAP_SIGMA = 4.0
+# Images scored at once when features come from memory.
+SCORE_CHUNK = 32
+
+
+@dataclass
+class Measured:
+    """Scores, maps and metrics of one set of labelled test images."""
+
+    patch_scores: np.ndarray  # (n, P) float32, higher = more anomalous
+    image_scores: np.ndarray  # (n,) the max patch score of each image
+    maps: np.ndarray  # (n, H, W) float32 pixel anomaly maps
+    metrics: dict  # image/pixel AUROC and AP, AUPRO@0.3, image F1-max and its threshold
+
+
+def compute_metrics(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict:
+    """The report's metrics, computed by ``funad.metrics``.
+
+    Args:
+        labels: (n,) 0/1 image labels. image_scores: (n,).
+        masks: (n, H, W) 0/1 ground truth. maps: (n, H, W) pixel scores.
+    """
+    image = metrics.image_metrics(labels, image_scores)
+    pixel = metrics.pixel_metrics(masks, maps)
+    return {
+        "image_auroc": image["image_auroc"],
+        "pixel_auroc": pixel["pixel_auroc"],
+        "aupro": metrics.aupro(masks, maps, fpr_limit=0.3),
+        "image_ap": image["image_ap"],
+        "pixel_ap": pixel["pixel_ap"],
+        "image_f1_max": image["image_f1_max"],
+        "image_f1_threshold": image["image_f1_threshold"],
+    }
+
+
+def measure(patch_scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, grid: tuple[int, int], *,
+            sigma: float = MAP_SIGMA, device: Optional[torch.device] = None) -> Measured:
+    """Image scores, anomaly maps (upsampled to the masks' size, Gaussian ``sigma``) and metrics.
+
+    Args:
+        patch_scores: (n, P) with P = grid_h * grid_w, row-major.
+        labels: (n,) 0/1. masks: (n, H, W) 0/1; (H, W) is the maps' size.
+        grid: the cache's patch grid (h, w).
+        device: where the maps are built (default: the CPU).
+    """
+    patch_scores = np.asarray(patch_scores, dtype=np.float32)
+    maps = anomaly_map.patch_scores_to_maps(patch_scores, grid, masks.shape[1:], sigma=sigma, device=device)
+    image_scores = patch_scores.max(axis=1)
+    return Measured(patch_scores, image_scores, maps, compute_metrics(labels, image_scores, masks, maps))
+
+
+def score_tensor(model, features: torch.Tensor, *, device: torch.device, chunk: int = SCORE_CHUNK) -> np.ndarray:
+    """Patch scores of in-memory features (n, P, D), ``chunk`` images at a time -> (n, P) float32."""
+    return np.concatenate([
+        np.asarray(model.score_patches(features[i:i + chunk].to(device)), dtype=np.float32)
+        for i in range(0, features.shape[0], chunk)
+    ]) if features.shape[0] else np.empty((0, features.shape[1]), dtype=np.float32)
+
+
+def score_cached(model, store, indices: np.ndarray, *, device: torch.device, batch_size: int = SCORE_CHUNK,
+                 progress: Progress = NullProgress()) -> np.ndarray:
+    """Patch scores of cached images read from ``store`` in batches.
+
+    Args:
+        indices: (n,) image indices into the store.
+    Returns:
+        (n, P) float32 patch scores, higher = more anomalous.
+    """
+    out = np.empty((len(indices), store.n_patches), dtype=np.float32)
+    task = progress.task("scoring", total=len(indices), unit="img")
+    pos = 0
+    for idx, feats in store.iter_features(indices, chunk=batch_size):
+        x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device)
+        out[pos:pos + len(idx)] = model.score_patches(x)
+        pos += len(idx)
+        task.advance(len(idx))
+    return out
