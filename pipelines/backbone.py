@@ -17,9 +17,7 @@ initialised (``pretrained=False``, seeded; for tests and timing only).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +28,22 @@ import torch
 from PIL import Image
 
 from .errors import BackboneError
+from .weights import (  # noqa: F401 - file_sha256 and normalize_state_dict are part of this module's API
+    file_sha256,
+    mismatch_message,
+    normalize_state_dict,
+    offline_if_hub_unreachable,
+    state_dict_sha256,
+    weights_overlay,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 PRECISIONS = ("fp32", "bf16", "fp16")
 RANDOM_INIT_SEED = 0
-# Prefixes wrapped around backbone keys by DINO's training code (DDP, MultiCropWrapper, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-# Sub-dicts of a training checkpoint that hold a model, in the order tried. DINO's
-# full checkpoints keep both networks; its evaluation code uses the teacher.
-_CHECKPOINT_KEYS = ("teacher", "student", "state_dict", "model")
+# ViTs named in the messages that refuse other architectures.
+SUGGESTED_VITS = (DEFAULT_BACKBONE, "vit_small_patch8_224.dino", "vit_small_patch14_dinov2", "vit_base_patch14_dinov2")
 
 
 @dataclass(frozen=True)
@@ -59,27 +62,26 @@ class BackboneSpec:
     pretrained: bool = True
 
 
+def known_metadata(spec: BackboneSpec, precision: str) -> dict:
+    """The store attributes :attr:`Backbone.metadata` will have that are known before loading the model.
+
+    Lets ``extract`` refuse a store made with other settings in seconds instead of after the
+    backbone has loaded: the name, precision, an explicit block or input size, and the sha256 of
+    a local weights file.
+    """
+    out: dict = {"backbone": spec.name, "precision": precision}
+    if spec.layer is not None and spec.layer >= 0:
+        out["layer"] = spec.layer
+    if spec.image_size is not None:
+        out.update(image_size=spec.image_size, resize=resize_for(spec.image_size), crop=spec.image_size)
+    if spec.weights is not None and Path(spec.weights).expanduser().is_file():
+        out["weights_sha256"] = file_sha256(Path(spec.weights).expanduser())
+    return out
+
+
 def resize_for(image_size: int) -> int:
     """Side of the square resize before the centre crop: ``round(S * 256 / 224)``."""
     return int(round(image_size * 256 / 224))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 (hex) of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 (hex) over a model's tensors in key order (for weights that have no file)."""
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode("utf-8"))
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Backbone:
@@ -190,16 +192,25 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", *, pre
         kwargs["img_size"] = size
     if spec.weights is not None and not spec.pretrained:
         raise BackboneError("a weights file was given together with pretrained=False; drop one of them")
+    # An empty model on the meta device (no memory, no download) tells what the name builds, so a
+    # non-ViT or an impossible input size is refused before any weights are fetched.
+    with torch.device("meta"):
+        skeleton = _create(timm, spec.name, pretrained=False, overlay=None, kwargs=kwargs, source=None)
+    _check_architecture(skeleton, spec.name)
 
     if spec.weights is not None:
         path = Path(spec.weights).expanduser()
         if not path.is_file():
             raise BackboneError(f"weights file {path} does not exist; check the --weights path")
-        overlay = _weights_overlay(path)
-        model = _create(timm, spec.name, pretrained=True, overlay=overlay, kwargs=kwargs, source=str(path))
+        overlay = weights_overlay(path)
+        try:
+            model = _create(timm, spec.name, pretrained=True, overlay=overlay, kwargs=kwargs, source=str(path))
+        except _WeightsDoNotFit as exc:
+            raise BackboneError(mismatch_message(path, spec.name, skeleton, exc.__cause__)) from exc.__cause__
         weights, sha = str(path.resolve()), file_sha256(path)
     elif spec.pretrained:
-        model = _create(timm, spec.name, pretrained=True, overlay=None, kwargs=kwargs, source=None)
+        with offline_if_hub_unreachable():
+            model = _create(timm, spec.name, pretrained=True, overlay=None, kwargs=kwargs, source=None)
         weights, sha = f"timm:{spec.name}", state_dict_sha256(model)
     else:
         with torch.random.fork_rng(devices=[]):
@@ -207,7 +218,6 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", *, pre
             model = _create(timm, spec.name, pretrained=False, overlay=None, kwargs=kwargs, source=None)
         weights, sha = f"random-init(seed={RANDOM_INIT_SEED})", state_dict_sha256(model)
 
-    _check_architecture(model, spec.name)
     image_size = int(model.patch_embed.img_size[0])
     layer = _resolve_layer(spec.layer, len(model.blocks), spec.name)
     if hasattr(model, "prune_intermediate_layers"):
@@ -220,6 +230,10 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", *, pre
     return bb
 
 
+class _WeightsDoNotFit(Exception):
+    """timm's strict loading refused a local weights file (the cause holds timm's error)."""
+
+
 def _create(timm, name: str, *, pretrained: bool, overlay: Optional[dict], kwargs: dict, source: Optional[str]):
     try:
         return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
@@ -228,27 +242,24 @@ def _create(timm, name: str, *, pretrained: bool, overlay: Optional[dict], kwarg
             raise BackboneError(f"cannot read weights file {source}: {exc}") from exc
         raise BackboneError(
             f"cannot fetch the pretrained weights of {name} ({type(exc).__name__}: {str(exc)[:200]}). "
-            f"This machine seems to be offline. Download the weights elsewhere (timm / Hugging Face hub, "
-            f"or the official DINO checkpoint) and pass the file with --weights FILE") from exc
+            f"This machine seems to be offline. Download the weights elsewhere (timm / Hugging Face hub, or the official DINO checkpoint) "
+            f"and pass the file with --weights FILE") from exc
     except RuntimeError as exc:
         if source is None:
             raise BackboneError(f"cannot build {name}: {exc}") from exc
-        raise BackboneError(
-            f"weights file {source} does not fit {name} (strict loading failed): {_short(str(exc))}. "
-            f"Check that --backbone names the architecture the file was trained for") from exc
+        raise _WeightsDoNotFit() from exc
     except (AssertionError, ValueError, TypeError) as exc:
         raise BackboneError(f"cannot build {name} with {kwargs} ({exc}); check --image-size and --backbone") from exc
 
 
-def _short(message: str, limit: int = 800) -> str:
-    message = " ".join(message.split())
-    return message if len(message) <= limit else message[:limit] + " ..."
+# --------------------------------------------------------------------------- architecture checks
 
 
 def _check_architecture(model: torch.nn.Module, name: str) -> None:
     needed = ("forward_intermediates", "blocks", "patch_embed", "embed_dim")
     if not all(hasattr(model, a) for a in needed):
-        raise BackboneError(f"{name} is not a ViT with forward_intermediates; use a timm ViT such as {DEFAULT_BACKBONE}")
+        raise BackboneError(f"{name} is not a Vision Transformer ({type(model).__name__}): FUN-AD's features are a "
+                            f"ViT's class and patch tokens. Use a timm ViT, e.g. {', '.join(SUGGESTED_VITS)}")
     if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 0) < 1:
         raise BackboneError(f"{name} has no class token, which FUN-AD's features need; pick a ViT with one")
     size = tuple(model.patch_embed.img_size)
@@ -265,82 +276,6 @@ def _resolve_layer(layer: Optional[int], depth: int, name: str) -> int:
     if not 0 <= resolved < depth:
         raise BackboneError(f"--layer {layer} is out of range: {name} has {depth} blocks (0..{depth - 1})")
     return resolved
-
-
-# --------------------------------------------------------------------------- weights files
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """The tensors of a local checkpoint (safetensors or a torch pickle), without running any code."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own SafetensorError
-            raise BackboneError(f"weights file {path} is not a readable safetensors file ({exc})") from exc
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO checkpoints store their args
-            try:
-                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:  # files in torch's legacy (pre-1.6) format cannot be memory-mapped
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(f"weights file {path} cannot be read as a PyTorch checkpoint ({exc}); "
-                            f"use a .safetensors or .pth file of the model's weights") from exc
-
-
-def normalize_state_dict(checkpoint: dict, source: str) -> dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint into plain backbone keys as timm names them.
-
-    Handles the official DINO release files: the backbone-only
-    ``dino_vitbase8_pretrain.pth`` (already timm's names) and full training
-    checkpoints (``{"teacher": {"module.backbone.blocks.0...": ...}, "student": ...}``;
-    the teacher is used, as DINO's own evaluation does). Wrapper prefixes
-    (``module.``, ``backbone.``) are stripped and head weights (``head.*``:
-    DINO's projection head or a classifier, not used for features) are dropped.
-    """
-    sd = checkpoint
-    for key in _CHECKPOINT_KEYS:
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            logger.info("weights %s: using the %r entry of the checkpoint", source, key)
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise BackboneError(f"weights file {source} does not hold a state dict (found {type(sd).__name__})")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if not isinstance(value, torch.Tensor):
-            raise BackboneError(f"weights file {source}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                                f"pass a checkpoint that holds the model's weights")
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        if key.startswith("head.") or key == "head":
-            continue
-        out[key] = value
-    if not out:
-        raise BackboneError(f"weights file {source} has no backbone weights")
-    return out
-
-
-def _weights_overlay(path: Path) -> dict:
-    """timm ``pretrained_cfg_overlay`` for a local file: ``file=`` if timm can read it as is, else ``state_dict=``.
-
-    ``num_classes=0`` in the overlay keeps timm's loading strict (a missing or
-    unexpected key is an error, not a log line).
-    """
-    sd = _read_checkpoint(path)
-    clean = normalize_state_dict(sd, str(path))
-    if clean.keys() == sd.keys():
-        return dict(file=str(path), num_classes=0)
-    logger.info("weights %s: converted %d keys to timm's names", path, len(clean))
-    return dict(state_dict=clean, num_classes=0)
 
 
 # --------------------------------------------------------------------------- pre-processing

@@ -28,7 +28,8 @@ from PIL import Image
 import funad
 from funad import cache
 
-from .backbone import Backbone, BackboneSpec, ImageTransform, MaskTransform, load_backbone, make_preview
+from .backbone import (Backbone, BackboneSpec, ImageTransform, MaskTransform, known_metadata, load_backbone,
+                       make_preview)
 from .datasets import Sample, detect_kind, read_dataset
 from .errors import DatasetError, PipelineError
 from .device import resolve_device
@@ -239,6 +240,11 @@ def extract(
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
+        if not overwrite and (output.exists() or output.is_symlink()):
+            # refuse a store made with other settings before spending time on loading the backbone
+            with cache.open(output, "r", format=format) as existing:
+                _check_resumable(existing, {**known_metadata(backbone, precision), "dtype": dtype},
+                                 [s.as_record() for s in samples])
         bb = load_backbone(backbone, resolve_device(device), precision=precision)
     attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
                   "dataset_kind": kind, "dataset_root": str(root.resolve())}
@@ -261,18 +267,23 @@ def _open_store(output: Path, samples: list[Sample], bb: Backbone, attributes: d
                             dtype=dtype, attributes=attributes, format=format, overwrite=overwrite)
     store = cache.open(output, "a", format=format)
     try:
-        diffs = store.check_compatible({k: attributes[k] for k in RESUME_KEYS})
-        if diffs:
-            listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
-            raise cache.CacheMismatchError(
-                f"{output} was extracted with other settings ({listed}). Re-run with the store's settings to "
-                f"resume it, or pass --overwrite to start over")
-        _check_same_samples(output, store.samples, records)
+        _check_resumable(store, {k: attributes[k] for k in RESUME_KEYS}, records)
     except BaseException:
         store.close()
         raise
     logger.info("resuming %s: %d of %d images already complete", output, int(store.complete.sum()), store.n_images)
     return store
+
+
+def _check_resumable(store, requested: dict, records: list[dict]) -> None:
+    """Raise CacheMismatchError unless ``store`` has the ``requested`` settings and sample table."""
+    diffs = store.check_compatible(requested)
+    if diffs:
+        listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
+        raise cache.CacheMismatchError(
+            f"{store.path} was extracted with other settings ({listed}). Re-run with the store's settings to "
+            f"resume it, or pass --overwrite to start over")
+    _check_same_samples(store.path, store.samples, records)
 
 
 def _check_same_samples(output: Path, stored: list[dict], records: list[dict]) -> None:

@@ -171,12 +171,32 @@ def test_weights_with_missing_key_are_refused(tmp_path, tiny_state):
         load_backbone(BackboneSpec(TINY, weights=str(tmp_path / "partial.safetensors"), image_size=SIZE))
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path, tiny_state):
+def test_weights_with_a_wrong_tensor_shape_are_refused(tmp_path, tiny_state):
     state = {k: v for k, v in tiny_state.items()}
     state["blocks.0.mlp.fc1.weight"] = torch.zeros(10, 192)
-    save_file(state, str(tmp_path / "other.safetensors"))
-    with pytest.raises(BackboneError, match=r"does not fit .*size mismatch"):
-        load_backbone(BackboneSpec(TINY, weights=str(tmp_path / "other.safetensors"), image_size=SIZE))
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(BackboneError, match=r"odd\.safetensors does not fit .*size mismatch"):
+        load_backbone(BackboneSpec(TINY, weights=str(tmp_path / "odd.safetensors"), image_size=SIZE))
+
+
+def test_weights_of_another_architecture_name_the_file_and_both_models(tmp_path):
+    torch.manual_seed(0)
+    small = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0, img_size=SIZE, depth=4)
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(BackboneError) as info:
+        load_backbone(BackboneSpec(TINY, weights=str(tmp_path / "small.safetensors"), image_size=SIZE))
+    msg = str(info.value)
+    assert "small.safetensors does not fit vit_tiny_patch16_224" in msg
+    assert "4 blocks of width 384 and 8-pixel patches" in msg and "12 blocks of width 192 and 16-pixel" in msg
+    assert "vit_small_patch8_*" in msg and "size mismatch" not in msg and len(msg) < 500
+
+
+def test_a_backbone_that_is_not_a_vit_is_refused_before_any_download(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # a download attempt would fail differently
+    with pytest.raises(BackboneError, match=r"resnet18 is not a Vision Transformer.*ViT.*vit_base_patch8_224\.dino"):
+        load_backbone(BackboneSpec("resnet18"))
 
 
 def test_missing_or_unreadable_weights_file(tmp_path):
@@ -185,6 +205,34 @@ def test_missing_or_unreadable_weights_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match=r"junk\.pth cannot be read as a PyTorch checkpoint"):
         load_backbone(BackboneSpec(TINY, weights=str(tmp_path / "junk.pth")))
+
+
+def test_unreachable_hub_gives_the_offline_message_at_once(monkeypatch, tmp_path):
+    """No network: the probe fails, offline mode is switched on, and the error comes in seconds."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    from funad.pipelines import weights
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # a port that refuses connections (bound, never listening)
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    seen = []
+    real = weights.hub_reachable
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    start = time.monotonic()
+    with pytest.raises(BackboneError, match=r"cannot fetch the pretrained weights of vit_tiny.*offline.*--weights FILE"):
+        load_backbone(BackboneSpec(TINY, image_size=SIZE))
+    assert seen == [False] and time.monotonic() - start < 10
+    assert hf_constants.HF_HUB_OFFLINE is False  # offline mode is switched off again afterwards
+    listener.close()
 
 
 def test_offline_hub_error_suggests_weights_option(monkeypatch, tmp_path):

@@ -163,6 +163,26 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, bb):
         assert store.dtype == "float32" and store.n_images == 6
 
 
+def test_changed_settings_are_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
+    from funad.pipelines import extract as extract_module
+
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    out = tmp_path / "f.zarr"
+    extract(data, out, backbone=bb, batch_size=4, num_workers=0)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the settings were checked")
+
+    monkeypatch.setattr(extract_module, "load_backbone", no_loading)
+    spec = BackboneSpec(TINY, image_size=SIZE, layer=3, pretrained=False)
+    with pytest.raises(cache.CacheMismatchError, match=r"layer: store has 11, this run asks for 3"):
+        extract(data, out, backbone=spec, precision="fp32", num_workers=0)
+    with pytest.raises(cache.CacheMismatchError, match=r"image_size: store has 32, this run asks for 64"):
+        extract(data, out, backbone=BackboneSpec(TINY, image_size=64, pretrained=False), precision="fp32")
+    with pytest.raises(cache.CacheMismatchError, match=r"precision: store has 'fp32', this run asks for 'bf16'"):
+        extract(data, out, backbone=BackboneSpec(TINY, image_size=SIZE, pretrained=False), precision="bf16")
+
+
 def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path, bb):
     data = make_mvtec(tmp_path / "data")
     (data / "train/good/004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
