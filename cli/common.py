@@ -1,4 +1,9 @@
-"""Shared pieces of the command line: rich logging, progress bars, error mapping."""
+"""Shared pieces of the command line: logging, consoles, the progress bar and the error mapping.
+
+On a terminal, log lines and progress bars are drawn by rich. When stdout or
+stderr is not a terminal (piped, redirected, CI), each line is written plain
+and unwrapped, and no progress bar is drawn.
+"""
 
 from __future__ import annotations
 
@@ -20,24 +25,56 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
-stdout_console = Console()
+from funad.pipelines.errors import user_error_types
+
+# Width given to a console that is not a terminal: wide enough that rich never wraps a line.
+_UNWRAPPED = 10_000
+
+
+def _console(stream) -> Console:
+    """A console on ``stream`` (resolved at print time, so CliRunner's capture works) that never wraps when piped."""
+    if stream.isatty():
+        return Console(stderr=stream is sys.stderr)
+    return Console(stderr=stream is sys.stderr, soft_wrap=True, width=_UNWRAPPED)
+
+
+console = _console(sys.stderr)  # messages and logs
+stdout_console = _console(sys.stdout)  # results (tables)
+
+
+class _PlainFormatter(logging.Formatter):
+    """``message`` for INFO, ``WARNING: message`` for the rest: one unwrapped line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
 
 
 def setup_logging(verbose: int = 0) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    """Log funad's INFO lines (DEBUG with -vv) to stderr: through rich on a terminal, plain otherwise."""
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PlainFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [RichHandler(console=console, show_path=False, rich_tracebacks=False)]
+    root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("funad").setLevel(level if verbose else logging.INFO)
+    logging.getLogger("funad").setLevel(level)
 
 
 class _RichTask:
-    def __init__(self, bar: RichProgressBar, task_id: int) -> None:
-        self._bar, self._id = bar, task_id
+    """One bar: ``advance`` moves it (and its rate in ``unit``/s); ``update`` sets its text fields."""
+
+    def __init__(self, bar: RichProgressBar, task_id, unit: str) -> None:
+        self._bar, self._id, self._unit = bar, task_id, unit
 
     def advance(self, n: float = 1) -> None:
         self._bar.advance(self._id, n)
+        speed = self._bar.tasks[self._id].speed if self._id < len(self._bar.tasks) else None
+        if speed:
+            self._bar.update(self._id, rate=f"{speed:.3g} {self._unit}/s")
 
     def update(self, *, description: Optional[str] = None, total: Optional[float] = None, **fields: object) -> None:
         kw: dict = {}
@@ -45,29 +82,31 @@ class _RichTask:
             kw["description"] = description
         if total is not None:
             kw["total"] = total
-        info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        info = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         self._bar.update(self._id, info=info, **kw)
 
 
 class RichProgress:
-    """Implements ``funad.pipelines.progress.Progress`` with a rich live bar.
+    """Implements ``funad.pipelines.progress.Progress`` with a rich live bar (nothing when not a terminal).
 
-    Use as a context manager; the bar shows the rate in ``unit``/s.
+    One line per task, laid out to fit 100 columns: description, a short
+    bar, done/total, percent, elapsed, ETA, rate, then the task's fields
+    (the fit shows its losses and it/s there).
     """
 
     def __init__(self, disable: bool = False) -> None:
         self._bar = RichProgressBar(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[info]}"),
             console=console,
-            disable=disable,
+            disable=disable or not console.is_terminal,
             transient=False,
         )
 
@@ -79,36 +118,37 @@ class RichProgress:
         self._bar.__exit__(*exc)
 
     def task(self, description: str, total: Optional[float] = None, unit: str = "it") -> _RichTask:
-        task_id = self._bar.add_task(description, total=total, info="", rate="")
-        task = _RichTask(self._bar, task_id)
-        bar = self._bar
-
-        orig_advance = task.advance
-
-        def advance(n: float = 1) -> None:
-            orig_advance(n)
-            speed = bar.tasks[task_id].speed if task_id < len(bar.tasks) else None
-            if speed:
-                bar.update(task_id, rate=f"{speed:.1f} {unit}/s")
-
-        task.advance = advance  # type: ignore[method-assign]
-        return task
+        return _RichTask(self._bar, self._bar.add_task(description, total=total, info="", rate=""), unit)
 
 
 def user_errors(fn: Callable) -> Callable:
     """Turn the library's user-facing exceptions into clean click errors (no traceback)."""
-    from funad.cache import CacheError  # local import keeps `cli` import cheap
-    from funad.errors import FunADError
-    from funad.pipelines.errors import PipelineError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (CacheError, FunADError, PipelineError) as exc:
+        except user_error_types() as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; completed work is kept and a re-run resumes[/]")
             sys.exit(130)
 
     return wrapper
+
+
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read when first needed (so listing them imports nothing at start-up)."""
+
+    def __init__(self, load: Callable[[], tuple]) -> None:
+        self._load, self._choices, self.case_sensitive = load, None, True
+
+    @property
+    def choices(self) -> tuple:  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value) -> None:
+        self._choices = tuple(value)

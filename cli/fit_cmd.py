@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
+from rich.table import Table
 
-from funad.config import DEFAULT_PRESET, PRESETS
+from funad.pipelines.settings import DEFAULT_PRESET, FIELDS, PRESETS, ConfigError, parse_setting, settings_table
 
-from .common import RichProgress, console, user_errors
+from .common import LazyChoice, RichProgress, console, stdout_console, user_errors
+
+
+def _methods() -> tuple:
+    from funad.pipelines.modeldir import METHODS  # imports torch: only when --method is checked or listed
+
+    return METHODS
 
 
 def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
@@ -18,9 +25,6 @@ def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
 
     A misspelt name or a bad value raises click.BadParameter naming it.
     """
-    from funad.config import FunADConfig
-    from funad.errors import ConfigError
-
     out: dict[str, Any] = {}
     for item in values:
         name, sep, text = item.partition("=")
@@ -28,7 +32,7 @@ def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         if not sep or not name:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
         try:
-            out[name] = FunADConfig.parse_value(name, text.strip())
+            out[name] = parse_setting(name, text.strip())
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--set") from None
     return tuple(sorted(out.items()))
@@ -36,6 +40,32 @@ def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
 
 # Options that define the fit; on --resume those not given take the recorded value.
 _SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select")
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _list_settings(ctx: click.Context, _param, value: bool) -> None:
+    """--list-settings: every FunADConfig field with its default, each preset's value and its meaning."""
+    if not value or ctx.resilient_parsing:
+        return
+    rows = settings_table()
+    presets = list(rows[0]["presets"]) if rows else []
+    table = Table(title="FunADConfig fields (--set NAME=VALUE)", title_justify="left",
+                  caption=f"--preset picks a column (default: {DEFAULT_PRESET}); 'paper' is the faithful algorithm",
+                  caption_justify="left")
+    table.add_column("field", no_wrap=True)
+    table.add_column("default", justify="right", no_wrap=True)
+    for name in presets:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("meaning")
+    for r in rows:
+        marks = [_show(r["presets"][p]) + ("" if r["presets"][p] == r["default"] else " *") for p in presets]
+        table.add_row(r["name"], _show(r["default"]), *marks, r["meaning"])
+    stdout_console.print(table)
+    stdout_console.print("* differs from the default")
+    ctx.exit(0)
 
 
 def _recorded_options(model_dir: Path) -> Optional[dict]:
@@ -49,12 +79,15 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.argument("cache_path", metavar="CACHE", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "model_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Model directory to write (weights, config.json, train_log.jsonl, checkpoint.pt).")
-@click.option("--method", default="funad", show_default=True, type=click.Choice(["funad", "knn"]),
-              help="FUN-AD, or the kNN (PatchCore-style) baseline.")
+@click.option("--method", default="funad", show_default=True, type=LazyChoice(_methods),
+              help="FUN-AD, or a baseline (knn: PatchCore-style nearest neighbours).")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(sorted(PRESETS)),
               help="FUN-AD settings bundle: 'paper' is the faithful algorithm; the others trade measured accuracy for speed.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
-              help="Override one FunADConfig field (repeatable), e.g. --set lambda_=1 --set bank_every=4.")
+              help=f"Override one FunADConfig field (repeatable), e.g. --set lambda_=1 --set bank_every=4. "
+                   f"Fields: {', '.join(FIELDS)}. Defaults and presets: --list-settings.")
+@click.option("--list-settings", is_flag=True, is_eager=True, expose_value=False, callback=_list_settings,
+              help="Show every FunADConfig field with its default, each preset's value and its meaning, and exit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's number of epochs.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the contamination draw and the training (same seed on the CPU = identical weights).")
@@ -71,16 +104,21 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
               help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+@click.option("--keep-checkpoint", is_flag=True,
+              help="Keep checkpoint.pt (training state, for --resume) beside the finished model; it is removed "
+                   "otherwise. Only a kept checkpoint lets --resume --epochs N train a finished model on.")
 @user_errors
 def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
-        select: str, resume: bool, overwrite: bool) -> None:
+        select: str, resume: bool, overwrite: bool, keep_checkpoint: bool) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
     \b
     Test anomalies can be moved into the unlabelled training set to measure
     robustness to contamination (--contamination, --overlap); the moved
     images are recorded in config.json. The final epoch is kept.
+    Ctrl-C writes a checkpoint of the last finished epoch; continue with
+    --resume.
     """
     from funad.pipelines.fit import FitSpec, fit as run_fit
 
@@ -95,16 +133,17 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
                 options[name] = recorded.get(name, options[name])
         # --set on --resume adds to the recorded overrides (a change is then refused by the pipeline).
         overrides = tuple(sorted({**(recorded.get("overrides") or {}), **dict(overrides)}.items()))
-    if options["method"] != "knn" and options["coreset_ratio"] is not None:
-        raise click.BadParameter("applies to --method knn only", param_hint="--coreset-ratio")
-    if options["method"] == "knn" and overrides:
-        raise click.BadParameter("FunADConfig overrides do not apply to --method knn", param_hint="--set")
+    if options["method"] == "funad" and options["coreset_ratio"] is not None:
+        raise click.BadParameter("applies to the baselines (e.g. --method knn) only", param_hint="--coreset-ratio")
+    if options["method"] != "funad" and overrides:
+        raise click.BadParameter(f"FunADConfig overrides do not apply to --method {options['method']}",
+                                 param_hint="--set")
     spec = FitSpec(method=options["method"], preset=options["preset"], overrides=overrides, epochs=options["epochs"],
                    seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
                    coreset_ratio=options["coreset_ratio"], select=options["select"])
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
-                         overwrite=overwrite, progress=progress)
+                         overwrite=overwrite, keep_checkpoint=keep_checkpoint, progress=progress)
     split = result.config["contamination"]
     console.print(
         f"[green]model written to {model_dir}[/] ({spec.method}"

@@ -32,6 +32,7 @@ from funad import __version__, anomaly_map
 
 from .errors import BackboneError, DatasetError, PipelineError
 from .backbone import PRECISIONS
+from .dataset_files import IMAGE_SUFFIXES
 from .device import resolve_device
 from .evaluate import check_report_dir, place_model
 from .scoring import MAP_SIGMA
@@ -40,7 +41,6 @@ from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NO_THRESHOLD_NOTE = "no --threshold given: scores are reported without an anomalous/normal decision"
 
 # Recorded backbone settings that the rebuilt backbone must reproduce exactly.

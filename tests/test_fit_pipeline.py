@@ -11,8 +11,10 @@ from click.testing import CliRunner
 
 from funad import cache
 from funad.cli.fit_cmd import fit as fit_cmd
+from funad.pipelines import checkpoints
 from funad.pipelines import fit as fit_pipeline
 from funad.pipelines import modeldir
+from funad.pipelines.fit_data import diagnostics_for
 from funad.pipelines.errors import ModelDirError, PipelineError
 from funad.pipelines.features import StoreSource, choose_residency, feature_bytes, load_features, patch_labels
 
@@ -51,6 +53,18 @@ def make_store(path, *, n_train=8, n_test_good=4, n_test_bad=6, labelled=True, c
 @pytest.fixture
 def store_path(tmp_path):
     return make_store(tmp_path / "feats.zarr")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two saved states hold the same entries, and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        elif isinstance(a[key], dict):
+            assert_same_weights(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
 
 
 def run(args):
@@ -100,7 +114,7 @@ def test_fit_cli_writes_model_dir(store_path, tmp_path):
     out = tmp_path / "model"
     res = run([store_path, "-o", out, *FAST, "--contamination", "0.25", "--seed", "3"])
     assert res.exit_code == 0, res.output
-    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "train_log.jsonl", "checkpoint.pt"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_log.jsonl"}  # no checkpoint
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "funad" and cfg["selection"] == "final" and cfg["complete"] is True
     assert cfg["config"]["batch_size"] == 4 and cfg["config"]["epochs"] == 2 and cfg["config"]["seed"] == 3
@@ -117,7 +131,8 @@ def test_fit_cli_writes_model_dir(store_path, tmp_path):
 
     log = modeldir.read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
-    assert "bank_purity" in json.dumps(log[0]) or "purity" in json.dumps(log[0])  # diagnostics are logged
+    # The two moved anomalies have their planted patch labelled: pseudo-label recall is defined.
+    assert all(r["pseudo_recall"] is not None and 0.0 <= r["bank_purity"] <= 1.0 for r in log)
 
     model, info = modeldir.load_model_dir(out)
     assert info.method == "funad" and info.moved_ids.tolist() == split["moved_ids"]
@@ -125,6 +140,21 @@ def test_fit_cli_writes_model_dir(store_path, tmp_path):
         x = torch.from_numpy(store.read_features(info.test_ids, dtype="float32"))
     scores = model.score_patches(x)
     assert scores.shape == (8, 4) and np.isfinite(scores).all()
+
+
+def test_diagnostics_see_the_labels_of_the_training_images(store_path, tmp_path):
+    # Patch labels are the masks pooled onto the grid, in training-source order.
+    with cache.open(store_path) as store:
+        ids = np.array([0, 12, 3, 15])  # train/good, test/crack, train/good, test/crack
+        diag = diagnostics_for(store, ids)
+    assert diag["image_labels"].tolist() == [0, 1, 0, 1]
+    assert diag["patch_labels"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 1]]
+    # Clean training data: every bank image is normal (purity exactly 1) and there is no anomalous patch to recall.
+    res = run([store_path, "-o", tmp_path / "clean", *FAST])
+    assert res.exit_code == 0, res.output
+    log = modeldir.read_log(tmp_path / "clean")
+    assert [r["bank_purity"] for r in log] == [1.0, 1.0]
+    assert [r["pseudo_recall"] for r in log] == [None, None]
 
 
 def test_overlap_keeps_moved_in_test(store_path, tmp_path):
@@ -140,9 +170,8 @@ def test_same_seed_same_weights_and_stream_equals_memory(store_path, tmp_path):
         res = run([store_path, "-o", tmp_path / name, *FAST, "--resident", resident])
         assert res.exit_code == 0, res.output
     a, b, c = (modeldir.load_weights(tmp_path / n) for n in "abc")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
+    assert_same_weights(a, b)
+    assert_same_weights(a, c)
 
 
 def test_resume_gives_the_uninterrupted_weights(store_path, tmp_path):
@@ -160,7 +189,7 @@ def test_resume_gives_the_uninterrupted_weights(store_path, tmp_path):
 
     def save_then_maybe_stop(path, state):
         real_save(path, state)
-        if fit_pipeline._checkpoint_epoch(state) >= 2:
+        if checkpoints.checkpoint_epoch(state) >= 2:
             raise Stop
 
     fit_pipeline.modeldir.save_checkpoint = save_then_maybe_stop
@@ -181,21 +210,66 @@ def test_resume_gives_the_uninterrupted_weights(store_path, tmp_path):
     res = run([store_path, "-o", part, "--resume", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     a, b = modeldir.load_weights(full), modeldir.load_weights(part)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert_same_weights(a, b)
     assert [r["epoch"] for r in modeldir.read_log(part)] == [1, 2, 3]
 
-    # A finished fit is extended with a larger --epochs, and only then.
+    # A finished fit whose checkpoint was kept is extended with a larger --epochs, and only then.
     short = tmp_path / "short"
-    assert run([store_path, "-o", short, *FAST]).exit_code == 0  # 2 epochs
+    assert run([store_path, "-o", short, *FAST, "--keep-checkpoint"]).exit_code == 0  # 2 epochs
+    assert checkpoints.checkpoint_epoch(modeldir.load_checkpoint(short)) == 2
     res = run([store_path, "-o", short, "--resume", "--device", "cpu"])
     assert res.exit_code != 0 and "already finished" in res.output
     res = run([store_path, "-o", short, "--resume", "--epochs", "3", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     c = modeldir.load_weights(short)
-    for key in a:
-        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
+    assert_same_weights(a, c)
     assert json.loads((short / "config.json").read_text())["config"]["epochs"] == 3
+
+
+def test_resume_of_a_finished_fit_needs_its_checkpoint(store_path, tmp_path):
+    out = tmp_path / "m"
+    assert run([store_path, "-o", out, *FAST]).exit_code == 0  # checkpoint.pt removed at the end
+    assert not (out / "checkpoint.pt").exists()
+    res = run([store_path, "-o", out, "--resume", "--epochs", "3", "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "checkpoint.pt was removed" in res.output and "--overwrite --epochs 3" in res.output
+    assert json.loads((out / "config.json").read_text())["complete"] is True  # the model is untouched
+
+
+class _InterruptAt:
+    """A Progress whose fit task raises KeyboardInterrupt (Ctrl-C) when epoch ``n`` reports."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def task(self, description, total=None, unit="it"):
+        outer = self
+
+        class Task:
+            def advance(self, k=1):
+                pass
+
+            def update(self, **fields):
+                if description == "fit" and "loss" in fields:
+                    outer.seen += 1
+                    if outer.seen == outer.n:
+                        raise KeyboardInterrupt
+
+        return Task()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_fit(store_path, tmp_path):
+    spec = fit_pipeline.FitSpec(overrides=(("batch_size", 4),), epochs=3)
+    full = fit_pipeline.fit(store_path, tmp_path / "full", spec, device="cpu").model_dir
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):  # at epoch 2, long before the 1-hour checkpoint interval
+        fit_pipeline.fit(store_path, part, spec, device="cpu", checkpoint_seconds=3600, progress=_InterruptAt(2))
+    assert checkpoints.checkpoint_epoch(modeldir.load_checkpoint(part)) == 1  # the last finished epoch
+    fit_pipeline.fit(store_path, part, spec, device="cpu", resume=True)
+    a, b = modeldir.load_weights(full), modeldir.load_weights(part)
+    assert_same_weights(a, b)
+    assert [r["epoch"] for r in modeldir.read_log(part)] == [1, 2, 3]
+    assert not (part / "checkpoint.pt").exists()
 
 
 def test_resume_with_other_settings_is_refused(store_path, tmp_path):

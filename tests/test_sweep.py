@@ -18,6 +18,13 @@ def rows_of(path):
         return list(csv.DictReader(f))
 
 
+def short(key):
+    """The readable part of a cell key (without its ``|cfg=<digest>`` suffix)."""
+    head, sep, digest = key.rpartition("|cfg=")
+    assert sep and len(digest) == 12, key
+    return head
+
+
 def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     store = make_store(tmp_path / "f.zarr")
     out = tmp_path / "sweep"
@@ -33,20 +40,20 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
         for m in sw.METRICS:
             assert 0.0 <= float(r[m]) <= 1.0, (r["key"], m, r[m])
         assert r["selection"] == "final" and float(r["peak_rss_mb"]) > 0
-    by_key = {r["key"]: r for r in rows}
+    by_key = {short(r["key"]): r for r in rows}
     # kNN with the planted anomalies: perfect without contamination...
     assert float(by_key["knn|no-overlap|ratio=0|seed=0"]["image_auroc"]) == 1.0
     # ... and the ratio-0 overlap cell is the no-overlap run, reused.
-    assert by_key["knn|overlap|ratio=0|seed=0"]["reused_from"] == "knn|no-overlap|ratio=0|seed=0"
+    assert by_key["knn|overlap|ratio=0|seed=0"]["reused_from"] == by_key["knn|no-overlap|ratio=0|seed=0"]["key"]
     moved = by_key["knn|overlap|ratio=0.25|seed=0"]
     assert int(moved["n_moved"]) == 2 and int(moved["n_test"]) == 10
     assert int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_test"]) == 8
-    funad = by_key["funad:fast|no-overlap|ratio=0.25|seed=0|batch_size=4"]
-    assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4"
+    funad = by_key["funad:fast|no-overlap|ratio=0.25|seed=0|batch_size=4|epochs=1"]
+    assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4 epochs=1"
 
     md = (out / "results.md").read_text()
     assert "| method | setting | 0% | 25% |" in md
-    assert "| knn | overlap |" in md and "| funad:fast (batch_size=4) | no overlap |" in md
+    assert "| knn | overlap |" in md and "| funad:fast (batch_size=4 epochs=1) | no overlap |" in md
     assert "100.0 / " in md  # kNN image AUROC at 0%
     png = (out / "auroc_vs_contamination.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -67,11 +74,34 @@ def test_sweep_extends_the_grid(tmp_path):
     common = dict(overlap="no-overlap", methods=sw.parse_methods("knn"), device="cpu")
     sw.sweep(store, out, ratios=[0.0], seeds=[0], **common)
     rows = sw.sweep(store, out, ratios=[0.0, 0.25], seeds=[0, 1], **common)
-    assert sorted(r["key"] for r in rows) == [
+    assert sorted(short(r["key"]) for r in rows) == [
         "knn|no-overlap|ratio=0.25|seed=0", "knn|no-overlap|ratio=0.25|seed=1",
         "knn|no-overlap|ratio=0|seed=0", "knn|no-overlap|ratio=0|seed=1",
     ]
     assert "±" in (out / "results.md").read_text()  # two seeds -> mean ± std
+
+
+def test_other_epochs_or_preset_values_are_other_cells(tmp_path, monkeypatch):
+    # The key holds every config field: a re-run with other --epochs, or after a preset changed, runs again
+    # and its rows get their own label instead of being skipped or mixed with the earlier rows.
+    store = make_store(tmp_path / "f.zarr")
+    out = tmp_path / "sweep"
+    kw = dict(ratios=[0.0], overlap="no-overlap", methods=sw.parse_methods("funad"), sets={"batch_size": [4]},
+              device="cpu")
+    sw.sweep(store, out, epochs=1, **kw)
+    rows = sw.sweep(store, out, epochs=2, **kw)
+    assert sorted(r["cfg_epochs"] for r in rows) == ["1", "2"] and len({r["key"] for r in rows}) == 2
+    md = (out / "results.md").read_text()
+    assert "| funad:fast (batch_size=4 epochs=1) |" in md and "| funad:fast (batch_size=4 epochs=2) |" in md
+
+    from funad import config
+
+    monkeypatch.setitem(config.PRESETS, "fast", {**config.PRESETS["fast"], "lr": 3e-4})
+    rows = sw.sweep(store, out, epochs=2, **kw)
+    assert sorted(r["cfg_lr"] for r in rows) == sorted(["0.0001", "0.0001", "0.0003"])
+    md = (out / "results.md").read_text()
+    # same label, told apart by the digest, in both tables (AUROC and AUPRO)
+    assert md.count("| funad:fast (batch_size=4 epochs=2) [cfg ") == 2 * 2
 
 
 def test_grid_parsing():

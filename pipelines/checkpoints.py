@@ -1,0 +1,110 @@
+"""The training checkpoint of ``funad fit``: when it is written, what ``--resume`` accepts, and Ctrl-C.
+
+``checkpoint.pt`` holds the Local-Net and RMSprop state and the RNG states
+after an epoch (``FunAD.fit(on_checkpoint=...)``), so a resumed fit gives the
+weights of an uninterrupted one. It is written at most every
+``checkpoint_seconds``, and when the fit is interrupted (Ctrl-C) with the
+last finished epoch. ``funad fit`` removes it once the model is complete
+unless ``--keep-checkpoint`` is given; only a kept checkpoint lets
+``--resume --epochs N`` extend a finished fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import modeldir
+from .errors import PipelineError
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """``on_checkpoint``: keep each epoch's state, write checkpoint.pt at most every ``seconds``.
+
+    ``flush()`` writes the last state received when it is not on disk yet
+    (on an interruption, or to keep the final checkpoint). ``also`` is called
+    with every state first (the oracle selector).
+    """
+
+    def __init__(self, model_dir: Path, seconds: float, also: Optional[Callable[[dict], None]] = None) -> None:
+        self.model_dir, self.seconds, self.also = model_dir, seconds, also
+        self.state: Optional[dict] = None  # the last state received
+        self.written_epoch: Optional[int] = None
+        self._last = time.perf_counter()
+
+    def __call__(self, state: dict) -> None:
+        if self.also is not None:
+            self.also(state)
+        self.state = state
+        if time.perf_counter() - self._last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> Optional[int]:
+        """Write the last state unless it is written already; returns its epoch (None without a state)."""
+        if self.state is None:
+            return None
+        epoch = checkpoint_epoch(self.state)
+        if self.written_epoch != epoch:
+            modeldir.save_checkpoint(self.model_dir, self.state)
+            self.written_epoch = epoch
+            self._last = time.perf_counter()
+        return epoch
+
+
+def checkpoint_epoch(checkpoint: Optional[dict]) -> int:
+    """Epochs completed in ``checkpoint`` (0 without one)."""
+    if checkpoint is None:
+        return 0
+    for key in ("epoch", "epochs_done", "completed_epochs"):
+        if key in checkpoint:
+            return int(checkpoint[key])
+    raise PipelineError("checkpoint.pt records no epoch count; delete it or re-run with --overwrite")
+
+
+def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
+    """Check that ``model_dir`` holds an unfinished fit of the same setup (or a finished one to extend).
+
+    Returns its checkpoint, or None when an unfinished fit wrote none yet.
+    Raises PipelineError naming every differing setting, or when a finished
+    fit cannot be extended.
+    """
+    config_file = model_dir / modeldir.CONFIG_FILE
+    if not config_file.is_file():
+        raise PipelineError(f"--resume: {config_file} does not exist; start the fit without --resume")
+    old = modeldir.read_config(model_dir).raw
+    old_epochs, new_epochs = old["config"].get("epochs"), config["config"].get("epochs")
+    finished = bool(old.get("complete"))
+    if finished and (config["method"] != "funad" or new_epochs <= old_epochs):
+        raise PipelineError(f"the fit in {model_dir} already finished; nothing to resume (pass a larger --epochs "
+                            "to train on, or --overwrite to re-fit)")
+    diffs = [f"{key}: {old.get(key)!r} -> {config[key]!r}" for key in ("method", "seed", "selection")
+             if old.get(key) != config[key]]
+    diffs += [f"{key}: {old['config'].get(key)!r} -> {config['config'].get(key)!r}"
+              for key in sorted((set(old["config"]) | set(config["config"])) - {"epochs"})
+              if old["config"].get(key) != config["config"].get(key)]
+    if old["cache"].get("fingerprint") != config["cache"]["fingerprint"]:
+        diffs.append("cache fingerprint differs (another cache)")
+    diffs += [f"contamination {key} differs" for key in ("ratio", "overlap", "seed", "train_ids")
+              if old["contamination"].get(key) != config["contamination"][key]]
+    if diffs:
+        raise PipelineError(
+            f"--resume: {model_dir} was started with other settings ({'; '.join(diffs)}); pass the same options "
+            "as the original fit, or --overwrite to start again"
+        )
+    checkpoint = modeldir.load_checkpoint(model_dir)
+    if finished and checkpoint is None:
+        raise PipelineError(
+            f"--resume --epochs {new_epochs}: the fit in {model_dir} finished after {old_epochs} epochs and its "
+            f"{modeldir.CHECKPOINT_FILE} was removed (fits keep it only with --keep-checkpoint), so training cannot "
+            f"continue where it stopped; re-fit with --overwrite --epochs {new_epochs}"
+        )
+    if finished and checkpoint_epoch(checkpoint) != old_epochs:
+        raise PipelineError(
+            f"--resume: {model_dir / modeldir.CHECKPOINT_FILE} holds epoch {checkpoint_epoch(checkpoint)}, not the "
+            f"finished fit's last epoch {old_epochs}; re-fit with --overwrite --epochs {new_epochs}"
+        )
+    return checkpoint

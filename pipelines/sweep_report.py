@@ -1,0 +1,178 @@
+"""The outputs of ``funad sweep``: results.csv (one row per cell), results.md (the paper's table) and the plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import modeldir
+from .errors import PipelineError
+from .settings import FIELDS
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max")
+RESULTS_CSV, RESULTS_MD, PLOT_PNG, SWEEP_JSON = "results.csv", "results.md", "auroc_vs_contamination.png", "sweep.json"
+COLUMNS = (
+    ("key", "method", "preset", "params", "overlap", "ratio", "seed")
+    + METRICS
+    + ("n_train", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
+       "selection", "reused_from", "cache_fingerprint", "funad_version")
+    + tuple(f"cfg_{f}" for f in FIELDS)
+    + ("cfg_coreset_ratio",)
+)
+
+
+# ------------------------------------------------------------------- results.csv
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of results.csv (empty when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row to results.csv (header first when the file is new), flushed to disk."""
+    new = not path.is_file() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            raise PipelineError(f"{path} has other columns than this funad writes; move it away or use another -o")
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        f.flush()
+
+
+
+# ------------------------------------------------------------ table and plot
+
+
+def _row_label(row: dict) -> str:
+    """``funad:fast (lambda_=0 epochs=20)`` or ``knn``: the method and the settings chosen for the cell."""
+    label = f"funad:{row['preset']}" if row["method"] == "funad" else row["method"]
+    return label + (f" ({row['params']})" if row.get("params") else "")
+
+
+def _config_digest(row: dict) -> str:
+    return row["key"].rpartition("|cfg=")[2] if "|cfg=" in row["key"] else ""
+
+
+def _group(rows: Sequence[dict]) -> dict:
+    """{(row label, overlap): {ratio: {metric: [values over seeds]}}}.
+
+    Rows of different full configs never share a label: when one label holds
+    several (e.g. results of an older preset), each gets its config digest.
+    """
+    digests: dict[str, set] = {}
+    for r in rows:
+        digests.setdefault(_row_label(r), set()).add(_config_digest(r))
+    out: dict = {}
+    for r in rows:
+        label = _row_label(r)
+        if len(digests[label]) > 1:
+            label += f" [cfg {_config_digest(r)}]"
+        cell = out.setdefault((label, int(r["overlap"])), {}).setdefault(float(r["ratio"]), {})
+        for m in METRICS:
+            cell.setdefault(m, []).append(float(r[m]) if r[m] not in ("", None) else float("nan"))
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _pct(values: Sequence[float]) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
+
+
+def write_markdown(path: Path, rows: Sequence[dict], store_attrs: Optional[dict] = None) -> None:
+    """results.md: the paper's layout (rows: method x overlap; columns: ratios; image / pixel AUROC %)."""
+    groups = _group(rows)
+    ratios = sorted({float(r["ratio"]) for r in rows})
+    seeds = sorted({int(r["seed"]) for r in rows})
+    attrs = store_attrs or {}
+    lines = [
+        "# funad sweep",
+        "",
+        f"Backbone: {attrs.get('backbone', '?')} (layer {attrs.get('layer', '?')}, image size "
+        f"{attrs.get('image_size', '?')}, grid {attrs.get('grid', '?')}, D = {attrs.get('feature_dim', '?')}). "
+        f"Seeds: {', '.join(map(str, seeds))}. Model selection: final epoch (no test labels).",
+        "",
+    ]
+    for title, metric_pair in (("Image / pixel AUROC (%)", ("image_auroc", "pixel_auroc")),
+                               ("AUPRO@0.3 / image F1-max (%)", ("aupro", "image_f1_max"))):
+        lines += [f"## {title}, mean ± std over seeds", "",
+                  "| method | setting | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+        for (label, overlap), by_ratio in sorted(groups.items()):
+            cells = []
+            for ratio in ratios:
+                v = by_ratio.get(ratio)
+                cells.append("" if v is None else f"{_pct(v[metric_pair[0]])} / {_pct(v[metric_pair[1]])}")
+            lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"Each cell: mean ± sample std over seeds; {len(rows)} runs in results.csv. "
+              "At 0% the overlap and no-overlap settings are the same run.", ""]
+    text = "\n".join(lines)
+    modeldir.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_plot(path: Path, rows: Sequence[dict]) -> None:
+    """AUROC against contamination ratio: rows image/pixel, columns no-overlap/overlap, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(rows)
+    labels = sorted({label for label, _ in groups})
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, squeeze=False)
+    for col, overlap in enumerate((0, 1)):
+        for row_i, (metric, name) in enumerate((("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"))):
+            ax = axes[row_i][col]
+            for label in labels:
+                by_ratio = groups.get((label, overlap))
+                if not by_ratio:
+                    continue
+                xs = sorted(by_ratio)
+                stats = [_mean_std(by_ratio[x][metric]) for x in xs]
+                ax.errorbar([100 * x for x in xs], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
+                            marker="o", capsize=3, label=label)
+            ax.set_title(f"{name}, {'overlap' if overlap else 'no overlap'}")
+            ax.set_xlabel("contamination (anomaly-to-normal, %)")
+            ax.set_ylabel(f"{name} (%)")
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        handles, names = axes[0][1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)))
+    fig.suptitle("AUROC vs contamination (final epoch; mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    modeldir.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
