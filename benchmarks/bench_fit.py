@@ -26,13 +26,13 @@ from funad import preset
 from funad.config import FunADConfig
 from funad.data import TensorSource
 from funad.localnet import LocalNet
-from funad.losses import balanced_bce, mutual_smoothness
-from funad.memory_bank import (autocast, bank_candidates, gather_adapted, sample_bank_images,
-                               sample_bank_patches, score_images)
+from funad.memory_bank import bank_candidates, gather_adapted, sample_bank_images, sample_bank_patches, score_images
 from funad.nn import NNIndex, resolve_backend
+from funad.ops import autocast
 from funad.pairs import batch_mutual_pairs
-from funad.perturb import perturb
-from funad.pseudo_labels import ambiguous, nn_distance, normalise, pseudo_labels
+from funad.perturb import draw_noise
+from funad.pseudo_labels import ambiguous, normalise_distances, pseudo_labels
+from funad.train_step import Targets, bank_distance, optimise
 
 
 def sync(device: torch.device) -> None:
@@ -73,8 +73,8 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
     if rebuild:
         scored = score_images(net, source, device, keep_adapted=True, bf16=cfg.bf16)
         images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
-        bank = sample_bank_patches(gather_adapted(net, source, images, scored, device, cfg.bf16),
-                                   cfg.bank_patches, host_gen)
+        bank, _ = sample_bank_patches(gather_adapted(net, source, images, scored, device, cfg.bf16),
+                                      cfg.bank_patches, host_gen)
         state["index"] = NNIndex("auto", device).fit(bank.float())
         state["scored"] = scored
     sync(device)
@@ -96,8 +96,9 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
             with autocast(device, cfg.bf16):
                 a = net.adapt(f)
             adapt_flops = 2.0 * q * dim * dim
-        sqdist, _ = state["index"].search(a.flatten(0, 1).float(), cfg.k)
-        d_hat = normalise(nn_distance(sqdist, cfg.self_eps))
+        # The timing covers the search; identity exclusion only relabels its k columns.
+        d = bank_distance(a.flatten(0, 1), state["index"], cfg.replace(self_exclusion="distance"))
+        d_hat = normalise_distances(d)
         y, amb = pseudo_labels(d_hat, cfg.tau_n), ambiguous(d_hat, cfg.tau_n, cfg.tau_c)
         sync(device)
         t2 = time.perf_counter()
@@ -107,13 +108,7 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
     t3 = time.perf_counter()
     out["mutual pairs"] = (t3 - t2, 2.0 * q * q * dim)
 
-    f_tilde = perturb(f, amb.view(f.shape[:2]), noise_gen)
-    with autocast(device, cfg.bf16):
-        p_tilde = net(f_tilde).flatten().float()
-    loss = balanced_bce(p_tilde, y) + cfg.lambda_ * mutual_smoothness(p_tilde, pairs)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    optimise(net, opt, f, Targets(d, d_hat, y, amb, pairs), cfg, draw_noise(f, noise_gen))
     sync(device)
     out["forward/backward/step"] = (time.perf_counter() - t3, 3 * net_flops(q, dim))
     state["bank_rows"] = state["index"].n_bank_

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
+SELF_EXCLUSIONS = ("auto", "distance", "identity")
+
 
 @dataclass(frozen=True)
 class FunADConfig:
@@ -28,6 +30,7 @@ class FunADConfig:
     lambda_: float = 2.5  # λ: weight of the mutual-smoothness loss (Eq. 9, supp. Table 3)
     k: int = 2  # k: neighbours searched in the bank; the nearest that is not the patch itself is used
     self_eps: float = 1e-2  # squared distances below this count as the patch finding itself (reference code)
+    self_exclusion: str = "auto"  # "distance" (self_eps rule), "identity" (same image and patch) or "auto" (see below)
     batch_size: int = 32  # B: images per minibatch; the incomplete last batch is dropped
     epochs: int = 1500  # passes over the training set (authors' script)
     lr: float = 2e-5  # RMSprop learning rate (authors' script)
@@ -39,6 +42,8 @@ class FunADConfig:
     bank_patches: Optional[int] = None  # keep at most this many randomly chosen bank patches (paper: all)
     batch_patches: Optional[int] = None  # patches sampled per image in each step (paper: all P)
     bf16: bool = False  # bfloat16 autocast for Local-Net forward passes and searches (paper: fp32)
+    bank_pool: Optional[int] = None  # each rebuild scores at most this many randomly drawn images (paper: all)
+    max_iterations: Optional[int] = None  # cap on epochs x steps: fewer epochs on large training sets (paper: none)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -57,6 +62,31 @@ class FunADConfig:
         check(self.bank_every >= 1, f"bank_every must be >= 1, got {self.bank_every}")
         check(self.bank_patches is None or self.bank_patches >= 2, f"bank_patches must be >= 2 or None, got {self.bank_patches}")
         check(self.batch_patches is None or self.batch_patches >= 1, f"batch_patches must be >= 1 or None, got {self.batch_patches}")
+        check(self.self_exclusion in SELF_EXCLUSIONS,
+              f"self_exclusion must be one of {list(SELF_EXCLUSIONS)}, got {self.self_exclusion!r}")
+        check(self.bank_pool is None or self.bank_pool >= 1, f"bank_pool must be >= 1 or None, got {self.bank_pool}")
+        check(self.max_iterations is None or self.max_iterations >= 1,
+              f"max_iterations must be >= 1 or None, got {self.max_iterations}")
+
+    @property
+    def exclude_self_by(self) -> str:
+        """The self-exclusion rule in force: "distance" or "identity".
+
+        "auto" means by distance when the bank is rebuilt at every iteration
+        (bank and batch then come from the same Local-Net, so the reference
+        rule is exact) and by identity otherwise (the batch is adapted by a
+        newer net than the bank, and a patch's stale copy is not at distance 0).
+        """
+        if self.self_exclusion != "auto":
+            return self.self_exclusion
+        return "distance" if self.bank_every == 1 else "identity"
+
+    def epochs_for(self, n_images: int) -> int:
+        """Epochs a fit on ``n_images`` runs: ``epochs``, fewer when ``max_iterations`` caps them."""
+        if self.max_iterations is None:
+            return self.epochs
+        steps = max(1, n_images // self.batch_size)
+        return max(1, min(self.epochs, -(-self.max_iterations // steps)))
 
     def replace(self, **changes: Any) -> "FunADConfig":
         """Return a copy with ``changes`` applied; unknown names raise ConfigError."""
@@ -89,7 +119,9 @@ class FunADConfig:
                 return False
             raise ConfigError(f"{name} expects true/false, got {text!r}")
         try:
-            if isinstance(default, int) or name in ("bank_patches", "batch_patches"):
+            if isinstance(default, str):
+                return text
+            if isinstance(default, int) or name in ("bank_patches", "batch_patches", "bank_pool", "max_iterations"):
                 return int(text)
             return float(text)
         except ValueError:

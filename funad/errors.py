@@ -18,3 +18,7 @@ class DataError(FunADError, ValueError):
 
 class NotFittedError(FunADError, AttributeError):
     """A method that needs a fitted model was called before ``fit``."""
+
+
+class DivergedError(FunADError, FloatingPointError):
+    """Training produced NaN or infinite losses or scores."""

@@ -7,7 +7,6 @@ fraction r of them and puts the *adapted* features of their patches in the bank.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,62 +15,68 @@ import torch
 
 from .data import FeatureSource
 from .localnet import LocalNet
+from .ops import autocast, images_per_chunk, minmax
 
 
 @dataclass
 class ScoredImages:
-    """Result of scoring every image of a source.
+    """Result of scoring the training images (all of them, or a pool drawn from them).
 
     Attributes:
-        image_scores: (n_images,) S_i = max_j φ(f_ij), float32 on the net's device.
-        adapted: (n_images, n_patches, dim) adapted features A(f_ij) when they
+        images: (n_scored,) int64 source indices of the scored images, ascending.
+        image_scores: (n_scored,) S_i = max_j φ(f_ij), float32 on the net's device.
+        adapted: (n_scored, n_patches, dim) adapted features A(f_ij) when they
             were kept (so the bank and the batch reuse them), else None.
     """
 
+    images: torch.Tensor
     image_scores: torch.Tensor
     adapted: Optional[torch.Tensor]
 
 
-def images_per_chunk(n_patches: int, rows: int = 32768) -> int:
-    """Images per scoring chunk so that one chunk is about ``rows`` patches."""
-    return max(1, rows // max(1, n_patches))
+
+def draw_pool(n_images: int, pool: Optional[int], generator: torch.Generator) -> torch.Tensor:
+    """The images a rebuild scores: all of them, or ``pool`` drawn uniformly without replacement (sorted).
+
+    A speed option (``FunADConfig.bank_pool``): the rebuild's cost then no
+    longer grows with the training set. The spec scores every image.
+    """
+    if pool is None or pool >= n_images:
+        return torch.arange(n_images)
+    return torch.randperm(n_images, generator=generator)[:pool].sort().values
 
 
 @torch.no_grad()
 def score_images(net: LocalNet, source: FeatureSource, device: torch.device, *,
-                 keep_adapted: bool, bf16: bool = False) -> ScoredImages:
-    """Score all images of ``source`` (chunks of images, no gradient).
+                 keep_adapted: bool, bf16: bool = False, images: Optional[torch.Tensor] = None) -> ScoredImages:
+    """Score the images of ``source`` (chunks of images, no gradient).
 
     Args:
         net: the current Local-Net, on ``device``.
         source: the training features.
-        keep_adapted: keep every adapted feature (n_images * n_patches * dim
+        keep_adapted: keep every adapted feature (n_scored * n_patches * dim
             values on ``device``) for reuse.
         bf16: run the net under bfloat16 autocast.
+        images: source indices to score, ascending (default: all).
     """
-    n, p = source.n_images, source.n_patches
+    images = torch.arange(source.n_images) if images is None else images.cpu()
+    n, p = int(images.numel()), source.n_patches
+    idx_all = images.numpy()
     scores = torch.empty(n, dtype=torch.float32, device=device)
     adapted = None
     step = images_per_chunk(p)
     for start in range(0, n, step):
-        idx = np.arange(start, min(n, start + step))
-        f = source.get(idx).to(device)
+        rows = slice(start, min(n, start + step))
+        f = source.get(idx_all[rows]).to(device)
         with autocast(device, bf16):
             a = net.adapt(f)
             s = net.discriminate(a)
         if keep_adapted:
             if adapted is None:
                 adapted = torch.empty((n, p, a.shape[-1]), dtype=a.dtype, device=device)
-            adapted[start:start + len(idx)] = a
-        scores[start:start + len(idx)] = s.float().amax(dim=1)
-    return ScoredImages(scores, adapted)
-
-
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    """(x - min) / (max - min); all zeros when every value is equal."""
-    lo, hi = x.min(), x.max()
-    span = hi - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
+            adapted[rows] = a
+        scores[rows] = s.float().amax(dim=1)
+    return ScoredImages(images, scores, adapted)
 
 
 def bank_candidates(image_scores: torch.Tensor, tau_b: float) -> torch.Tensor:
@@ -98,24 +103,29 @@ def sample_bank_images(candidates: torch.Tensor, r: float, generator: torch.Gene
     return candidates[pick.to(candidates.device)].sort().values
 
 
-def sample_bank_patches(bank: torch.Tensor, n_max: Optional[int], generator: torch.Generator) -> torch.Tensor:
-    """Keep at most ``n_max`` rows of ``bank`` (n_bank, dim), drawn without replacement."""
+def sample_bank_patches(bank: torch.Tensor, n_max: Optional[int],
+                        generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Keep at most ``n_max`` rows of ``bank`` (n_bank, dim), drawn without replacement.
+
+    Returns ``(rows of the bank kept, their sorted row indices)``; the indices are
+    None when every row is kept.
+    """
     if n_max is None or bank.shape[0] <= n_max:
-        return bank
-    pick = torch.randperm(bank.shape[0], generator=generator)[:n_max]
-    return bank[pick.sort().values.to(bank.device)]
+        return bank, None
+    pick = torch.randperm(bank.shape[0], generator=generator)[:n_max].sort().values.to(bank.device)
+    return bank[pick], pick
 
 
 @torch.no_grad()
-def gather_adapted(net: LocalNet, source: FeatureSource, images: torch.Tensor, scored: ScoredImages,
+def gather_adapted(net: LocalNet, source: FeatureSource, rows: torch.Tensor, scored: ScoredImages,
                    device: torch.device, bf16: bool = False) -> torch.Tensor:
-    """Adapted features of ``images`` flattened to (len(images) * n_patches, dim).
+    """Adapted features of the scored images at ``rows`` (positions in ``scored``), (len(rows) * n_patches, dim).
 
     Reuses ``scored.adapted`` when it was kept, else recomputes them in chunks.
     """
     if scored.adapted is not None:
-        return scored.adapted[images].flatten(0, 1)
-    idx = images.cpu().numpy()
+        return scored.adapted[rows.to(scored.adapted.device)].flatten(0, 1)
+    idx = scored.images[rows.cpu()].numpy()
     step = images_per_chunk(source.n_patches)
     parts = []
     for start in range(0, len(idx), step):
@@ -123,10 +133,3 @@ def gather_adapted(net: LocalNet, source: FeatureSource, images: torch.Tensor, s
         with autocast(device, bf16):
             parts.append(net.adapt(f).flatten(0, 1))
     return torch.cat(parts)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on ``device`` when ``enabled``, else a no-op context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

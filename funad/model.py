@@ -15,21 +15,19 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from . import losses
 from .config import FunADConfig
 from .data import FeatureSource, as_source, source_device
-from .errors import ConfigError, DataError, NotFittedError
+from .errors import ConfigError, DataError, DivergedError, NotFittedError
 from .localnet import LocalNet
-from .memory_bank import (ScoredImages, autocast, bank_candidates, gather_adapted, images_per_chunk,
-                          sample_bank_images, sample_bank_patches, score_images)
+from .memory_bank import (ScoredImages, bank_candidates, draw_pool, gather_adapted, sample_bank_images,
+                          sample_bank_patches, score_images)
 from .nn import NNIndex
-from .pairs import batch_mutual_pairs
-from .perturb import perturb
-from .pseudo_labels import ambiguous, nn_distance, normalise, pseudo_labels
+from .ops import FeaturesLike, autocast, images_per_chunk
+from .perturb import draw_noise
+from .train_step import make_targets, optimise
 
 logger = logging.getLogger(__name__)
 
-Features = Union[FeatureSource, torch.Tensor, np.ndarray]
 
 # Adapted features of all training images are kept between the scoring pass
 # and the bank/batch (saving one adaptor pass) when they take at most this much.
@@ -114,7 +112,7 @@ class FunAD:
         self.config = config if config is not None else FunADConfig()
 
     # ------------------------------------------------------------------ fit
-    def fit(self, features: Features, *, device: Union[str, torch.device, None] = None,
+    def fit(self, features: FeaturesLike, *, device: Union[str, torch.device, None] = None,
             callback: Optional[Callable[[dict], None]] = None, diagnostics: Optional[dict] = None,
             checkpoint: Optional[dict] = None, on_checkpoint: Optional[Callable[[dict], None]] = None,
             checkpoint_every: int = 1, nn_backend: str = "auto") -> "FunAD":
@@ -164,95 +162,100 @@ class FunAD:
         start_epoch = 0
         if checkpoint is not None:
             start_epoch = self._resume(checkpoint, net, opt, host_gen, noise_gen, n, p, dim)
-        keep_adapted = n * p * dim * 4 <= KEEP_ADAPTED_BYTES
+        pool_all = cfg.bank_pool is None or cfg.bank_pool >= n
+        keep_adapted = min(n, cfg.bank_pool or n) * p * dim * 4 <= KEEP_ADAPTED_BYTES
+        by_identity = cfg.exclude_self_by == "identity"
+        patch_ids = torch.arange(p, device=device)
         steps = n // batch
+        epochs = cfg.epochs_for(n)
 
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, epochs):
             stats, clock = _EpochStats(), _Clock(device)
             order = torch.randperm(n, generator=host_gen).numpy()
-            scored: Optional[ScoredImages] = None
             for step in range(steps):
                 batch_idx = order[step * batch:(step + 1) * batch]
                 rebuilt = step % cfg.bank_every == 0
                 if rebuilt:
-                    scored, index = self._rebuild_bank(net, source, device, keep_adapted, host_gen,
-                                                       nn_backend, stats, diag)
+                    scored, index, bank_ids = self._rebuild_bank(net, source, device, keep_adapted, host_gen,
+                                                                 nn_backend, stats, diag, epoch + 1)
                     clock.lap("bank")
                 f = source.get(batch_idx).to(device)
-                positions = None
+                positions = patch_ids
                 if cfg.batch_patches is not None and cfg.batch_patches < p:
-                    positions = torch.randperm(p, generator=host_gen)[:cfg.batch_patches].sort().values
-                    f = f[:, positions.to(device)]
+                    positions = torch.randperm(p, generator=host_gen)[:cfg.batch_patches].sort().values.to(device)
+                    f = f[:, positions]
 
                 with torch.no_grad():
-                    if rebuilt and scored is not None and scored.adapted is not None:
-                        a = scored.adapted[torch.as_tensor(batch_idx, device=device)]
-                        a = a if positions is None else a[:, positions.to(device)]
+                    if rebuilt and pool_all and scored.adapted is not None:
+                        # The scoring pass adapted every image with this very net: reuse it.
+                        a = scored.adapted[torch.as_tensor(batch_idx, device=device)][:, positions]
                     else:
                         with autocast(device, cfg.bf16):
                             a = net.adapt(f)
-                    sqdist, _ = index.search(a.flatten(0, 1).float(), cfg.k)
-                    d_hat = normalise(nn_distance(sqdist, cfg.self_eps))
-                    y = pseudo_labels(d_hat, cfg.tau_n)
-                    amb = ambiguous(d_hat, cfg.tau_n, cfg.tau_c)
-                    pairs = batch_mutual_pairs(a)
+                query_ids = None
+                if by_identity:
+                    query_ids = (torch.as_tensor(batch_idx, device=device)[:, None] * p + positions).flatten()
+                targets = make_targets(a, index, cfg, query_ids, bank_ids)
                 clock.lap("search")
 
-                f_tilde = perturb(f, amb.view(f.shape[:2]), noise_gen)
-                with autocast(device, cfg.bf16):
-                    p_tilde = net(f_tilde).flatten().float()
-                loss_bce = losses.balanced_bce(p_tilde, y)
-                if cfg.ms_on_clean:  # the paper's reading: L_ms on a clean forward pass
-                    with autocast(device, cfg.bf16):
-                        p_clean = net(f).flatten().float()
-                    loss_ms = losses.mutual_smoothness(p_clean, pairs)
-                else:  # the reference code: both losses on the perturbed predictions
-                    loss_ms = losses.mutual_smoothness(p_tilde, pairs)
-                loss = loss_bce + cfg.lambda_ * loss_ms
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                step_losses = optimise(net, opt, f, targets, cfg, draw_noise(f, noise_gen))
                 clock.lap("step")
 
-                self._accumulate(stats, loss, loss_bce, loss_ms, y, amb, pairs, diag, batch_idx, positions)
+                self._accumulate(stats, step_losses, targets, diag, batch_idx, positions)
 
             record = self._record(stats, epoch + 1, clock.totals, diag)
+            if not np.isfinite(record["loss"]):
+                raise DivergedError(f"the training loss became {record['loss']} in epoch {epoch + 1}; "
+                                    f"lower lr (now {cfg.lr}) or check the features for NaN or inf values")
             logger.debug("epoch %d: %s", epoch + 1, record)
             if callback is not None:
                 callback(record)
-            if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
                 on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
 
         self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
         return self
 
     def _rebuild_bank(self, net: LocalNet, source: FeatureSource, device: torch.device, keep_adapted: bool,
-                      host_gen: torch.Generator, nn_backend: str, stats: _EpochStats,
-                      diag: _Diagnostics) -> tuple[ScoredImages, NNIndex]:
+                      host_gen: torch.Generator, nn_backend: str, stats: _EpochStats, diag: _Diagnostics,
+                      epoch: int) -> tuple[ScoredImages, NNIndex, Optional[torch.Tensor]]:
+        """Step 1 (IRMB): score, choose candidates, sample the bank; returns (scores, index, bank row ids)."""
         cfg = self.config
-        scored = score_images(net, source, device, keep_adapted=keep_adapted, bf16=cfg.bf16)
-        images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
-        bank = gather_adapted(net, source, images, scored, device, cfg.bf16)
-        bank = sample_bank_patches(bank, cfg.bank_patches, host_gen)
+        p = source.n_patches
+        pool = draw_pool(source.n_images, cfg.bank_pool, host_gen)
+        scored = score_images(net, source, device, keep_adapted=keep_adapted, bf16=cfg.bf16, images=pool)
+        if not bool(torch.isfinite(scored.image_scores).all()):
+            raise DivergedError(f"image scores became NaN or inf in epoch {epoch}; lower lr (now {cfg.lr}) "
+                                "or check the features for NaN or inf values")
+        rows = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
+        bank, kept = sample_bank_patches(gather_adapted(net, source, rows, scored, device, cfg.bf16),
+                                         cfg.bank_patches, host_gen)
         index = NNIndex(nn_backend, device).fit(bank.float())
-        stats.bank_images, stats.bank_patches = int(images.numel()), int(bank.shape[0])
+        bank_ids = None
+        if cfg.exclude_self_by == "identity":
+            images = scored.images[rows.cpu()].to(device)
+            bank_ids = (images[:, None] * p + torch.arange(p, device=device)).flatten()
+            bank_ids = bank_ids if kept is None else bank_ids[kept.to(device)]
+        images_in_bank = scored.images[rows.cpu()]
+        stats.bank_images, stats.bank_patches = int(rows.numel()), int(bank.shape[0])
         if diag.image_labels is not None:
-            stats.purity.append(float((diag.image_labels[images.cpu()] == 0).float().mean()))
-        return scored, index
+            stats.purity.append(float((diag.image_labels[images_in_bank] == 0).float().mean()))
+        return scored, index, bank_ids
 
     @staticmethod
-    def _accumulate(stats: _EpochStats, loss, loss_bce, loss_ms, y, amb, pairs, diag: _Diagnostics,
-                    batch_idx: np.ndarray, positions: Optional[torch.Tensor]) -> None:
+    def _accumulate(stats: _EpochStats, step_losses, targets, diag: _Diagnostics, batch_idx: np.ndarray,
+                    positions: torch.Tensor) -> None:
         stats.steps += 1
-        for key, value in (("loss", loss), ("loss_bce", loss_bce), ("loss_ms", loss_ms),
-                           ("n_pseudo_anomalies", y.sum()), ("n_ambiguous", amb.sum())):
+        for key, value in (("loss", step_losses.loss), ("loss_bce", step_losses.loss_bce),
+                           ("loss_ms", step_losses.loss_ms), ("n_pseudo_anomalies", targets.y.sum()),
+                           ("n_ambiguous", targets.amb.sum())):
             stats.sums[key] = stats.sums[key] + value.detach()
-        stats.n_pairs += int(pairs.shape[0])
+        stats.n_pairs += int(targets.pairs.shape[0])
         if diag.patch_labels is not None:
             # Counted on the device; read back once per epoch (no per-step host sync).
             truth = diag.patch_labels[torch.as_tensor(batch_idx, device=diag.patch_labels.device)]
-            truth = truth if positions is None else truth[:, positions.to(truth.device)]
-            truth, pred = truth.flatten(), y.detach().bool()
+            truth = truth[:, positions.to(truth.device)]
+            truth, pred = truth.flatten(), targets.y.detach().bool()
             stats.tp = stats.tp + (pred & truth).sum()
             stats.fp = stats.fp + (pred & ~truth).sum()
             stats.fn = stats.fn + (~pred & truth).sum()
@@ -307,7 +310,7 @@ class FunAD:
             raise NotFittedError("this FunAD model is not fitted yet; call fit(features) or load_state_dict(state) first")
 
     @torch.no_grad()
-    def score_patches(self, features: Features) -> np.ndarray:
+    def score_patches(self, features: FeaturesLike) -> np.ndarray:
         """Patch scores φ(f) in (0, 1), float32 (n_images, n_patches)."""
         self._check_fitted()
         source = as_source(features)
@@ -321,7 +324,7 @@ class FunAD:
             out[idx] = self.net_(source.get(idx).to(self.device_)).float().cpu().numpy()
         return out
 
-    def score_images(self, features: Features) -> np.ndarray:
+    def score_images(self, features: FeaturesLike) -> np.ndarray:
         """Image scores, the maximum patch score, float32 (n_images,)."""
         return self.score_patches(features).max(axis=1)
 

@@ -17,18 +17,25 @@ def feature_sigma(f: torch.Tensor) -> torch.Tensor:
     return f.float().std(dim=0).amax(dim=0)
 
 
-def perturb(f: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """f̃ = f + ε on masked patches, ε ~ N(0, diag(σ²)); other patches unchanged.
+def draw_noise(f: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``f``, drawn for every patch.
+
+    A fixed amount per step (no host sync to count the masked patches); the
+    training loop draws it so that a test can inject its own.
+    """
+    return torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
+
+
+def perturb(f: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """f̃ = f + σ·z on masked patches, z = ``noise`` ~ N(0, I); other patches unchanged.
 
     Args:
         f: (n_images, n_patches, dim) batch features.
         mask: (n_images, n_patches) bool, the ambiguous patches.
-        generator: a generator on f's device; noise is drawn for every patch
-            (a fixed amount per step, so no host sync) and applied where masked.
+        noise: standard normal noise shaped like ``f`` (:func:`draw_noise`).
 
     Returns:
         A new tensor shaped like ``f``; ``f`` is not modified.
     """
-    sigma = feature_sigma(f)
-    noise = torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
+    sigma = feature_sigma(f).to(f.dtype)
     return torch.addcmul(f, noise * sigma, mask.unsqueeze(-1).to(f.dtype))

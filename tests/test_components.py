@@ -7,11 +7,13 @@ import torch
 from funad.data import TensorSource
 from funad.localnet import LocalNet
 from funad.losses import balanced_bce, mutual_smoothness
-from funad.memory_bank import (bank_candidates, minmax, sample_bank_images, sample_bank_patches,
+from funad.memory_bank import (bank_candidates, draw_pool, sample_bank_images, sample_bank_patches,
                                score_images)
+from funad.ops import minmax
 from funad.pairs import batch_mutual_pairs
-from funad.perturb import feature_sigma, perturb
-from funad.pseudo_labels import ambiguous, nn_distance, normalise, pseudo_labels
+from funad.perturb import draw_noise, feature_sigma, perturb
+from funad.pseudo_labels import (ambiguous, nn_distance, nn_distance_by_identity, normalise_distances,
+                                 pseudo_labels)
 
 
 def test_localnet_shapes_and_range():
@@ -34,7 +36,7 @@ def test_localnet_init_is_seeded():
 def test_minmax_edge_cases():
     assert minmax(torch.tensor([2.0, 4.0, 3.0])).tolist() == [0.0, 1.0, 0.5]
     assert minmax(torch.tensor([7.0, 7.0, 7.0])).tolist() == [0.0, 0.0, 0.0]
-    assert normalise(torch.tensor([1.0])).tolist() == [0.0]
+    assert normalise_distances(torch.tensor([1.0])).tolist() == [0.0]
 
 
 def test_bank_candidates_threshold_and_all_equal():
@@ -55,9 +57,28 @@ def test_sample_bank_images_size_and_determinism():
 
 def test_sample_bank_patches():
     bank = torch.arange(20.0).view(10, 2)
-    assert sample_bank_patches(bank, None, torch.Generator()) is bank
-    sub = sample_bank_patches(bank, 4, torch.Generator().manual_seed(0))
+    kept, rows = sample_bank_patches(bank, None, torch.Generator())
+    assert kept is bank and rows is None
+    sub, rows = sample_bank_patches(bank, 4, torch.Generator().manual_seed(0))
     assert sub.shape == (4, 2) and len({tuple(r) for r in sub.tolist()}) == 4
+    assert torch.equal(sub, bank[rows]) and rows.tolist() == sorted(rows.tolist())
+
+
+def test_draw_pool_scores_all_or_a_sorted_sample():
+    assert draw_pool(5, None, torch.Generator()).tolist() == [0, 1, 2, 3, 4]
+    assert draw_pool(5, 9, torch.Generator()).tolist() == [0, 1, 2, 3, 4]
+    pool = draw_pool(100, 10, torch.Generator().manual_seed(0))
+    assert pool.numel() == 10 and pool.tolist() == sorted(set(pool.tolist())) and pool.max() < 100
+
+
+def test_score_images_on_a_pool_keeps_source_indices():
+    net = LocalNet(3, generator=torch.Generator().manual_seed(0))
+    f = torch.randn(6, 4, 3)
+    pool = torch.tensor([1, 4])
+    scored = score_images(net, TensorSource(f), torch.device("cpu"), keep_adapted=True, images=pool)
+    with torch.no_grad():
+        assert torch.equal(scored.images, pool)
+        assert torch.allclose(scored.image_scores, net(f[pool]).amax(dim=1))
 
 
 def test_score_images_max_over_patches_and_keeps_adapted():
@@ -78,6 +99,15 @@ def test_nn_distance_self_exclusion():
     assert nn_distance(sqdist, 1e-2).tolist() == pytest.approx([4.0, 1.0, 0.0, 0.02])
 
 
+def test_nn_distance_by_identity_skips_only_the_own_entry():
+    sqdist = torch.tensor([[0.2, 4.0],     # stale copy of itself at 0.2: skipped although > self_eps
+                           [0.001, 3.0],   # another patch at 0.001: kept although < self_eps
+                           [1.0, 2.0],     # itself is second: the nearest is kept
+                           [0.5, 0.5]])    # its own entry is the only neighbour (k clipped): 0
+    is_self = torch.tensor([[True, False], [False, True], [False, True], [True, True]])
+    assert nn_distance_by_identity(sqdist, is_self).tolist() == pytest.approx([4.0, 0.001, 1.0, 0.0])
+
+
 def test_pseudo_labels_and_ambiguous_thresholds():
     d_hat = torch.tensor([0.0, 0.5, 0.6, 0.9, 0.95, 1.0])
     assert pseudo_labels(d_hat, 0.5).tolist() == [0, 0, 1, 1, 1, 1]
@@ -96,13 +126,13 @@ def test_perturb_touches_only_masked_patches():
     f = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[1, 2] = mask[3, 0] = True
-    out = perturb(f, mask, torch.Generator().manual_seed(1))
+    out = perturb(f, mask, draw_noise(f, torch.Generator().manual_seed(1)))
     changed = (out != f).any(dim=-1)
     assert torch.equal(changed, mask)
     assert out.shape == f.shape and not torch.equal(out, f)
     # zero variance across images -> sigma 0 -> nothing moves
     flat = torch.ones(3, 2, 4)
-    assert torch.equal(perturb(flat, torch.ones(3, 2, dtype=torch.bool), torch.Generator()), flat)
+    assert torch.equal(perturb(flat, torch.ones(3, 2, dtype=torch.bool), draw_noise(flat, torch.Generator())), flat)
 
 
 def test_batch_mutual_pairs_index_the_flattened_batch():

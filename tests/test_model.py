@@ -155,3 +155,48 @@ def test_dim_mismatch_names_both_numbers(fitted):
     model, _ = fitted
     with pytest.raises(DataError, match="fitted on D=8 features, input has D=5"):
         model.score_patches(torch.zeros(2, P, 5))
+
+
+def test_image_level_variant_with_a_single_feature_bank():
+    """P = 1 (class tokens only) and a bank of one image, hence one feature: k = 2 must not fail."""
+    x = torch.randn(12, 1, D, generator=torch.Generator().manual_seed(0))
+    records = []
+    model = FunAD(small(epochs=2, batch_size=4, r=0.01)).fit(x, callback=records.append)
+    assert all(r["bank_patches"] == 1 for r in records)
+    assert model.score_patches(x).shape == (12, 1)
+
+
+def test_nan_features_stop_the_fit_with_a_clear_error():
+    from funad.errors import DivergedError
+
+    x = planted()
+    x[3, 2, 0] = float("nan")
+    with pytest.raises(DivergedError, match="NaN or inf"):
+        FunAD(small(epochs=1)).fit(x)
+
+
+def test_nan_loss_stops_the_fit(monkeypatch):
+    import funad.train_step
+    from funad.errors import DivergedError
+
+    real = funad.train_step.losses.balanced_bce
+    monkeypatch.setattr(funad.train_step.losses, "balanced_bce", lambda pred, y: real(pred, y) * float("nan"))
+    with pytest.raises(DivergedError, match="became (nan|NaN).* in epoch 1"):
+        FunAD(small(epochs=3)).fit(planted())
+
+
+def test_max_iterations_caps_epochs_on_large_training_sets():
+    cfg = small(epochs=10, batch_size=8, max_iterations=6)
+    assert cfg.epochs_for(24) == 2  # 3 steps per epoch
+    assert cfg.epochs_for(8) == 6
+    assert cfg.epochs_for(400) == 1
+    records = []
+    FunAD(cfg).fit(planted(), callback=records.append)
+    assert len(records) == 2
+
+
+def test_bank_pool_scores_a_sample_of_images():
+    records = []
+    FunAD(small(epochs=2, bank_pool=10, r=1.0, tau_b=1.0)).fit(planted(), callback=records.append)
+    # every pooled image but the top scorer is a candidate; never more than the pool
+    assert all(1 <= r["bank_images"] <= 10 for r in records)

@@ -1,0 +1,33 @@
+"""General tensor helpers shared by the algorithm's modules (no FUN-AD logic here)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Union
+
+import numpy as np
+import torch
+
+from .data import FeatureSource
+
+# Anything the estimators accept as features: a source, or a (n_images, n_patches, dim) tensor or array.
+FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """(x - min) / (max - min) over all of ``x``; all zeros when every value is equal."""
+    lo, hi = x.min(), x.max()
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def images_per_chunk(n_patches: int, rows: int = 32768) -> int:
+    """Images per chunk so that one chunk holds about ``rows`` patches (bounds scoring memory)."""
+    return max(1, rows // max(1, n_patches))
