@@ -78,3 +78,13 @@ def test_mutual_pairs_chunked_equals_unchunked():
     nn = d.argmin(dim=1)
     expected = [[u, int(nn[u])] for u in range(257) if int(nn[nn[u]]) == u and u < int(nn[u])]
     assert full.tolist() == expected
+
+
+@pytest.mark.parametrize("chunk_elems", [None, 300, 64 * 64])
+def test_symmetric_nearest_other_equals_brute_force(chunk_elems):
+    """Blocks on and above the diagonal only, with ragged last blocks."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(203, 16, generator=g)
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    assert nearest_other(x, chunk_elems=chunk_elems).tolist() == d.argmin(dim=1).tolist()
