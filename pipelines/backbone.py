@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .errors import BackboneError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_for  # noqa: F401 - resize_for is part of this module's API
 from .weights import (  # noqa: F401 - file_sha256 and normalize_state_dict are part of this module's API
     file_sha256,
     mismatch_message,
@@ -79,11 +80,6 @@ def known_metadata(spec: BackboneSpec, precision: str) -> dict:
     return out
 
 
-def resize_for(image_size: int) -> int:
-    """Side of the square resize before the centre crop: ``round(S * 256 / 224)``."""
-    return int(round(image_size * 256 / 224))
-
-
 class Backbone:
     """A frozen timm ViT that returns one block's class and patch tokens.
 
@@ -105,8 +101,8 @@ class Backbone:
         self.n_patches = self.grid[0] * self.grid[1]
         self.token_dim = int(model.embed_dim)
         cfg = model.pretrained_cfg
-        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
         self.device = device
         self.precision = precision
         self.weights = weights

@@ -32,14 +32,13 @@ from funad import __version__
 from funad import cache
 
 from .errors import DatasetError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_for
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
 
 ASSUMED_BACKBONE = "vit_base_patch8_224.dino"
 ASSUMED_LAST_BLOCK = 11  # ViT-B has 12 blocks, counted from 0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Class-token repetition check: |x - class token of patch 0| <= ATOL + RTOL * |class token|.
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -146,7 +145,7 @@ def import_features(
         "weights_sha256": None,
         "layer": ASSUMED_LAST_BLOCK,
         "image_size": image_size,
-        "resize": round(h * 256 / 224) if h == w else [round(h * 256 / 224), round(w * 256 / 224)],
+        "resize": resize_for(h) if h == w else [resize_for(h), resize_for(w)],
         "crop": image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
