@@ -15,6 +15,7 @@ both behave the same. See :mod:`funad.cache.store` for the layout.
 from .errors import (
     CacheError,
     CacheExistsError,
+    CacheLockedError,
     CacheMismatchError,
     CacheNotFoundError,
     CorruptCacheError,
@@ -22,11 +23,14 @@ from .errors import (
 )
 from .layout import COMPLETE, PENDING, SKIPPED
 from .api import create, infer_format, open
+from .integrity import row_checksums
+from .lock import lock_path
 from .store import FeatureStore
 
 __all__ = [
     "CacheError",
     "CacheExistsError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CacheNotFoundError",
     "CorruptCacheError",
@@ -38,4 +42,6 @@ __all__ = [
     "PENDING",
     "COMPLETE",
     "SKIPPED",
+    "lock_path",
+    "row_checksums",
 ]

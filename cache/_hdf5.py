@@ -94,6 +94,14 @@ class HDF5Backend:
     def has_array(self, name: str) -> bool:
         return name in self._f
 
+    def chunk_location(self, name: str, i: int) -> str:
+        """Where image ``i`` of ``name`` lives: a row of a dataset inside the one file."""
+        return f"(row {i} of dataset {name!r} in {self.path})"
+
+    def chunk_exists(self, name: str, i: int) -> bool:
+        """Always: chunks are allocated when the file is created and cannot go missing on their own."""
+        return True
+
     # -- attributes and blobs -------------------------------------------------
     def get_attrs(self) -> dict:
         if ATTRS_BLOB not in self._f:

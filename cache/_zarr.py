@@ -88,6 +88,14 @@ class ZarrBackend:
     def has_array(self, name: str) -> bool:
         return (self.path / name / "zarr.json").is_file()
 
+    def chunk_location(self, name: str, i: int) -> Path:
+        """The file that holds image ``i`` of ``name`` (one image per chunk, zarr v3's default key encoding)."""
+        ndim = len(self.array(name).shape)
+        return self.path.joinpath(name, "c", str(i), *(["0"] * (ndim - 1)))
+
+    def chunk_exists(self, name: str, i: int) -> bool:
+        return self.chunk_location(name, i).is_file()
+
     # -- attributes and blobs -------------------------------------------------
     def get_attrs(self) -> dict:
         return dict(self._root.attrs.asdict())

@@ -15,6 +15,7 @@ import numpy as np
 from . import _hdf5, _zarr
 from . import layout as L
 from .errors import CacheExistsError, CacheMismatchError, CacheNotFoundError, CorruptCacheError
+from .lock import WriterLock
 from .store import BACKENDS, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,27 @@ def create(
     attrs.setdefault("funad_version", _funad_version())
     attrs["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise CacheExistsError(f"{path} already exists; open it with mode 'a' to resume, "
-                                   "or pass overwrite=True (--overwrite) to replace it")
-        _check_removable(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    _remove(tmp, force=True)
-    mod = BACKENDS[fmt]
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise CacheExistsError(f"{path} already exists; open it with mode 'a' to resume, "
+                               "or pass overwrite=True (--overwrite) to replace it")
+    lock = WriterLock(path)  # before touching an existing store: its writer may still be running
     try:
-        _build(mod, tmp, n, p, c, dtype, mask_hw, preview_hw, table, attrs)
         if path.exists() or path.is_symlink():
-            _remove(path, force=False)
-        os.replace(tmp, path)
-    finally:
+            _check_removable(path)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         _remove(tmp, force=True)
+        try:
+            _build(BACKENDS[fmt], tmp, n, p, c, dtype, mask_hw, preview_hw, table, attrs)
+            if path.exists() or path.is_symlink():
+                _remove(path, force=False)
+            os.replace(tmp, path)
+        finally:
+            _remove(tmp, force=True)
+    except BaseException:
+        lock.release()
+        raise
     log.debug("created %s store %s: %d images, grid %s, C=%d, %s", fmt, path, n, grid_hw, c, dtype)
-    return FeatureStore(path, fmt, writable=True)
+    return FeatureStore(path, fmt, writable=True, lock=lock)
 
 
 def _build(mod, tmp: Path, n: int, p: int, c: int, dtype: str, mask_hw: tuple, preview_hw: Optional[tuple],
@@ -113,8 +118,14 @@ def _build(mod, tmp: Path, n: int, p: int, c: int, dtype: str, mask_hw: tuple, p
         if preview_hw is not None:
             backend.create_array(L.PREVIEWS, (n, *preview_hw, 3), "uint8", (1, *preview_hw, 3), sc)
         backend.create_array(L.SKIP_REASONS, (n, L.SKIP_REASON_BYTES), "uint8", (1, L.SKIP_REASON_BYTES), sc)
-        backend.create_array(L.STATUS, (n,), "int8", (n,), "none")
-        backend.array(L.STATUS)[:] = np.zeros(n, np.int8)  # explicit: HDF5 arrays are allocated unfilled
+        cols = len(L.RECORD_COLUMNS)
+        backend.create_array(L.RECORDS, (n, cols), "uint64", (1, cols), "none")  # one chunk per image
+        backend.create_array(L.RECORDS_SNAPSHOT, (n, cols), "uint64", (n, cols), "none")
+        backend.create_array(L.SNAPSHOT_VALID, (1,), "uint8", (1,), "none")
+        # explicit zeros (every image pending): HDF5 arrays are allocated unfilled
+        backend.array(L.RECORDS)[:] = np.zeros((n, cols), np.uint64)
+        backend.array(L.RECORDS_SNAPSHOT)[:] = np.zeros((n, cols), np.uint64)
+        backend.array(L.SNAPSHOT_VALID)[:] = np.ones(1, np.uint8)
         backend.array(L.SKIP_REASONS)[:] = np.zeros((n, L.SKIP_REASON_BYTES), np.uint8)
         backend.write_blob(L.SAMPLE_TABLE, table)
         backend.set_attrs(attrs)
@@ -135,6 +146,7 @@ def open(  # noqa: A001 - mirrors zarr.open
     dtype: str = "float16",
     attributes: Optional[Mapping] = None,
     format: Optional[str] = None,
+    lock: bool = True,
 ) -> "FeatureStore":
     """Open a store, with zarr's modes.
 
@@ -143,6 +155,11 @@ def open(  # noqa: A001 - mirrors zarr.open
       (``samples``, ``grid``, ...; see :func:`create`) are given, create it.
     * ``"w"``: create, replacing any existing store (needs the creation arguments).
     * ``"w-"``: create, failing with CacheExistsError if it exists (needs the creation arguments).
+
+    A store open for writing holds its writer lock (:mod:`funad.cache.lock`) until closed; a
+    second writer gets CacheLockedError naming the holder. ``lock=False`` opens an existing store
+    for writing without it: only for processes that join a run whose lock another process holds
+    (the ranks of a torch.distributed extraction), each writing images no other writes.
     """
     if mode not in ("r", "a", "w", "w-"):
         raise ValueError(f"mode must be 'r', 'a', 'w' or 'w-', got {mode!r}")
@@ -161,7 +178,10 @@ def open(  # noqa: A001 - mirrors zarr.open
     fmt = _detect_format(path)
     if format is not None and format != fmt:
         raise CacheMismatchError(f"{path} is a {fmt} store, not {format}")
-    return FeatureStore(path, fmt, writable=(mode == "a"))
+    if mode == "r":
+        return FeatureStore(path, fmt, writable=False)
+    writer_lock = WriterLock(path) if lock else None
+    return FeatureStore(path, fmt, writable=True, lock=writer_lock)  # releases the lock if opening fails
 
 
 def _detect_format(path: Path) -> str:

@@ -28,3 +28,7 @@ class IncompleteCacheError(CacheError, RuntimeError):
 
 class CorruptCacheError(CacheError, ValueError):
     """The store on disk is inconsistent: missing arrays, shapes that disagree with its metadata."""
+
+
+class CacheLockedError(CacheError, RuntimeError):
+    """Another process holds the store's writer lock."""

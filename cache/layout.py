@@ -7,13 +7,13 @@ Pure functions on plain values, shared by both backends and by
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
 from .errors import CacheMismatchError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-image records (status + checksums); 1: one status array, read-only now
 
 # status values, written last for each image
 PENDING, COMPLETE, SKIPPED = 0, 1, 2
@@ -29,9 +29,15 @@ PATCH_TOKENS = "patch_tokens"  # (N, P, C) float16/32
 CLASS_TOKENS = "class_tokens"  # (N, C)
 MASKS = "masks"  # (N, H, W) uint8 in {0, 1}
 PREVIEWS = "previews"  # (N, h, w, 3) uint8; absent for imported features
-STATUS = "status"  # (N,) int8
+STATUS = "status"  # (N,) int8, cache format 1 only (one chunk for all images)
+RECORDS = "records"  # (N, len(RECORD_COLUMNS)) uint64, one chunk per image: status + checksums
+RECORDS_SNAPSHOT = "records_snapshot"  # the same in one chunk, refreshed when a writer closes
+SNAPSHOT_VALID = "records_snapshot_valid"  # (1,) uint8: 1 when the snapshot equals the records
 SKIP_REASONS = "skip_reasons"  # (N, SKIP_REASON_BYTES) uint8, UTF-8, zero padded
 SAMPLE_TABLE = "sample_table"  # JSON blob: list of sample dicts
+
+# Columns of an image's record: its status, then the checksum of its row of each array (0 = none).
+RECORD_COLUMNS = ("status", PATCH_TOKENS, CLASS_TOKENS, MASKS, PREVIEWS)
 
 # Keys the store derives itself; a writer may repeat them in `attributes` only with equal values.
 DERIVED_KEYS = ("grid", "n_patches", "token_dim", "feature_dim", "dtype", "mask_size", "preview_size",
@@ -126,3 +132,13 @@ def differences(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
     """``(key, stored, requested)`` for each requested key whose stored value differs (after JSON normalising)."""
     req = jsonable(dict(requested))
     return [(k, stored.get(k), v) for k, v in req.items() if stored.get(k) != v]
+
+
+def runs(sorted_unique: np.ndarray) -> Iterator[tuple[int, int, slice]]:
+    """Split sorted unique indices into runs of consecutive values: ``(start, stop, positions)``."""
+    if sorted_unique.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [sorted_unique.size]])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1, slice(int(a), int(b))

@@ -27,13 +27,16 @@ import json
 import logging
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
 from . import _hdf5, _zarr
 from . import layout as L
 from .errors import CacheError, CacheMismatchError, CorruptCacheError, IncompleteCacheError
+from .integrity import row_checksums
+from .lock import WriterLock
+from .writing import StoreWriting
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +44,28 @@ BACKENDS = {"zarr": _zarr, "hdf5": _hdf5}  # format name -> backend module (each
 _RESUME_HINT = "re-run `funad extract` with the same output to resume"
 
 
-def _runs(sorted_unique: np.ndarray) -> Iterator[tuple[int, int, slice]]:
-    """Split sorted unique indices into runs of consecutive values: ``(start, stop, positions)``."""
-    if sorted_unique.size == 0:
-        return
-    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
-    bounds = np.concatenate([[0], breaks, [sorted_unique.size]])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yield int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1, slice(int(a), int(b))
-
-
-
-class FeatureStore:
+class FeatureStore(StoreWriting):
     """An open feature store; get one from :func:`create` or :func:`open`. Use as a context manager."""
 
-    def __init__(self, path: Path, format: str, writable: bool) -> None:
+    def __init__(self, path: Path, format: str, writable: bool, lock: Optional[WriterLock] = None) -> None:
+        """``lock``: the writer lock this object holds (and releases on close); a writable store
+        without one is a helper of a run whose lock another process holds (a torch.distributed rank)."""
         self.path = Path(path)
         self.format = format
         self.writable = writable
-        self._b = BACKENDS[format].Backend(self.path, writable=writable)
+        self._lock = lock
+        self._snapshot_stale = False
+        self._closed = False
+        try:
+            self._b = BACKENDS[format].Backend(self.path, writable=writable)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self._load_and_check()
         except BaseException:
             self._b.close()
+            self._release_lock()
             raise
 
     # -- integrity ------------------------------------------------------------
@@ -102,13 +104,22 @@ class FeatureStore:
             raise self._corrupt(f"bad sample table ({exc})") from None
         if len(samples) != n:
             raise self._corrupt(f"the sample table has {len(samples)} images but n_images={n}")
+        self._version = int(version)
+        if self._version < 2 and self.writable:
+            raise CorruptCacheError(f"{self.path} was written by an older funad (cache format {version}), which "
+                                    "cannot be resumed or verified; re-create it with `funad extract --overwrite`")
         expected = {
             L.PATCH_TOKENS: ((n, p, c), dtype),
             L.CLASS_TOKENS: ((n, c), dtype),
             L.MASKS: ((n, *mask_hw), "uint8"),
-            L.STATUS: ((n,), "int8"),
             L.SKIP_REASONS: ((n, L.SKIP_REASON_BYTES), "uint8"),
         }
+        if self._version < 2:
+            expected[L.STATUS] = ((n,), "int8")
+        else:
+            n_cols = len(L.RECORD_COLUMNS)
+            expected.update({L.RECORDS: ((n, n_cols), "uint64"), L.RECORDS_SNAPSHOT: ((n, n_cols), "uint64"),
+                             L.SNAPSHOT_VALID: ((1,), "uint8")})
         if preview_hw is not None:
             expected[L.PREVIEWS] = ((n, *preview_hw, 3), "uint8")
         for name, (shape, dt) in expected.items():
@@ -117,15 +128,30 @@ class FeatureStore:
                 raise self._corrupt(f"{name} has shape {tuple(arr.shape)}, metadata says {shape}")
             if np.dtype(arr.dtype) != np.dtype(dt):
                 raise self._corrupt(f"{name} has dtype {np.dtype(arr.dtype)}, metadata says {dt}")
-        status = np.asarray(self._b.array(L.STATUS)[:], dtype=np.int8)
-        bad = ~np.isin(status, list(L.STATUS_NAMES))
-        if bad.any():
-            raise self._corrupt(f"status has invalid values {sorted(set(status[bad].tolist()))[:5]}")
         self._attrs = attrs
         self._samples = samples
         self._n, self._grid, self._p, self._c = n, grid, p, c
         self._mask_hw, self._preview_hw, self._dtype = mask_hw, preview_hw, dtype
-        self._status = status  # in-memory copy, kept in step with our own writes
+        if self._version < 2:
+            self._records = None
+            status = np.asarray(self._b.array(L.STATUS)[:])
+        else:
+            valid = int(self._b.array(L.SNAPSHOT_VALID)[0])
+            name = L.RECORDS_SNAPSHOT if valid == 1 else L.RECORDS
+            self._records = np.asarray(self._b.array(name)[:], dtype=np.uint64)  # kept in step with our writes
+            status = self._records[:, 0]
+        bad = ~np.isin(status, list(L.STATUS_NAMES))
+        if bad.any():
+            raise self._corrupt(f"status has invalid values {sorted(set(status[bad].tolist()))[:5]}")
+        if self._version < 2:
+            self._status_v1 = status.astype(np.int8)
+
+    def _read_records_per_image(self) -> np.ndarray:
+        return np.asarray(self._b.array(L.RECORDS)[:], dtype=np.uint64)
+
+    @property
+    def _status(self) -> np.ndarray:
+        return self._status_v1 if self._records is None else self._records[:, 0].astype(np.int8)
 
     # -- properties -------------------------------------------------------------
     @property
@@ -218,11 +244,7 @@ class FeatureStore:
         raw = np.asarray(self._b.array(L.SKIP_REASONS)[i], dtype=np.uint8).tobytes()
         return raw.rstrip(b"\0").decode("utf-8", errors="replace")
 
-    # -- writing ----------------------------------------------------------------
-    def _require_writable(self) -> None:
-        if not self.writable:
-            raise CacheError(f"{self.path} is open read-only; open it with mode 'a' to write")
-
+    # -- indices ----------------------------------------------------------------
     def _check_indices(self, indices) -> np.ndarray:
         idx = np.asarray(indices)
         if idx.dtype == bool:
@@ -239,114 +261,6 @@ class FeatureStore:
             raise CacheMismatchError(f"image index {int(idx[out][0])} is out of range: {self.path} has "
                                      f"{self._n} images (0..{self._n - 1})")
         return idx
-
-    def _as_array(self, value, shape: tuple, dtype: str, name: str) -> np.ndarray:
-        arr = np.asarray(value)
-        if arr.shape != shape:
-            raise CacheMismatchError(f"{name} has shape {arr.shape}; {self.path} expects {shape}")
-        if dtype in L.DTYPES:
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise CacheMismatchError(f"{name} has dtype {arr.dtype}; expected floating point tokens")
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with advice
-                out = arr.astype(dtype, copy=False)
-            if not np.isfinite(out).all():
-                biggest = float(np.nanmax(np.abs(arr[np.isfinite(arr)]))) if np.isfinite(arr).any() else float("nan")
-                raise CacheMismatchError(
-                    f"{name} has non-finite values as {dtype} (NaN/inf in the input, or values beyond "
-                    f"{np.finfo(dtype).max:.6g}; largest finite |value| {biggest:.6g}). "
-                    "Check the backbone output, or create the store with dtype='float32' (--dtype float32)")
-            return out
-        return arr  # uint8 handled by the callers
-
-    def _as_masks(self, masks, n: int) -> np.ndarray:
-        if masks is None:
-            return np.zeros((n, *self._mask_hw), np.uint8)
-        m = np.asarray(masks)
-        if m.shape != (n, *self._mask_hw):
-            raise CacheMismatchError(f"masks have shape {m.shape}; {self.path} expects {(n, *self._mask_hw)} "
-                                     "(masks are stored at the backbone's input resolution)")
-        return (m > 0).astype(np.uint8)
-
-    def _as_previews(self, previews, n: int) -> Optional[np.ndarray]:
-        if self._preview_hw is None:
-            if previews is not None:
-                raise CacheMismatchError(f"{self.path} was created without previews (preview_size=None)")
-            return None
-        shape = (n, *self._preview_hw, 3)
-        if previews is None:
-            return np.zeros(shape, np.uint8)
-        v = np.asarray(previews)
-        if v.shape != shape or v.dtype != np.uint8:
-            raise CacheMismatchError(f"previews have shape {v.shape} and dtype {v.dtype}; "
-                                     f"{self.path} expects {shape} uint8")
-        return v
-
-    def _set_status(self, idx: np.ndarray, value: int) -> None:
-        self._b.flush()  # data before status
-        order = np.sort(idx)
-        arr = self._b.array(L.STATUS)
-        for start, stop, _ in _runs(order):
-            arr[start:stop] = np.full(stop - start, value, np.int8)
-        self._b.flush()
-        self._status[idx] = value
-
-    def write(self, i: int, *, patch_tokens, class_token, mask=None, preview=None) -> None:
-        """Write image ``i``: ``patch_tokens (P, C)``, ``class_token (C,)``, ``mask (H, W)`` (any value
-        above 0 is anomalous; None = all normal), ``preview (h, w, 3) uint8``; then mark it complete."""
-        for name, value, shape in (("patch_tokens", patch_tokens, (self._p, self._c)),
-                                   ("class_token", class_token, (self._c,))):
-            if np.shape(value) != shape:
-                raise CacheMismatchError(f"{name} for image {i} has shape {np.shape(value)}; "
-                                         f"{self.path} expects {shape}")
-        self.write_batch(
-            [i],
-            patch_tokens=np.asarray(patch_tokens)[None],
-            class_tokens=np.asarray(class_token)[None],
-            masks=None if mask is None else np.asarray(mask)[None],
-            previews=None if preview is None else np.asarray(preview)[None],
-        )
-
-    def write_batch(self, indices, *, patch_tokens, class_tokens, masks=None, previews=None) -> None:
-        """Write n images at once: ``patch_tokens (n, P, C)``, ``class_tokens (n, C)``,
-        ``masks (n, H, W)`` or None, ``previews (n, h, w, 3) uint8`` or None; then mark them complete.
-
-        Images that were complete are first marked pending, so a crash while
-        overwriting them never leaves old status over new, partial data.
-        """
-        self._require_writable()
-        idx = self._check_indices(indices)
-        if np.unique(idx).size != idx.size:
-            raise CacheMismatchError(f"write_batch got a repeated image index in {idx.tolist()}")
-        n, p, c = idx.size, self._p, self._c
-        pt = self._as_array(patch_tokens, (n, p, c), self._dtype, "patch_tokens")
-        ct = self._as_array(class_tokens, (n, c), self._dtype, "class_tokens")
-        mk = self._as_masks(masks, n)
-        pv = self._as_previews(previews, n)
-        redo = idx[self._status[idx] != L.PENDING]
-        if redo.size:
-            log.debug("%s: overwriting %d images that were complete or skipped", self.path, redo.size)
-            self._set_status(redo, L.PENDING)
-        order = np.argsort(idx, kind="stable")
-        pairs = [(L.PATCH_TOKENS, pt), (L.CLASS_TOKENS, ct), (L.MASKS, mk)]
-        if pv is not None:
-            pairs.append((L.PREVIEWS, pv))
-        for name, data in pairs:
-            arr = self._b.array(name)
-            for start, stop, pos in _runs(idx[order]):
-                arr[start:stop] = data[order[pos]]
-        self._set_status(idx, L.COMPLETE)
-
-    def mark_skipped(self, i: int, reason: str) -> None:
-        """Record image ``i`` as skipped (e.g. an unreadable file) with a short ``reason``."""
-        self._require_writable()
-        i = int(self._check_indices([i])[0])
-        if self._status[i] == L.COMPLETE:
-            self._set_status(np.array([i]), L.PENDING)
-        raw = str(reason).encode("utf-8")[: L.SKIP_REASON_BYTES]
-        row = np.zeros((1, L.SKIP_REASON_BYTES), np.uint8)
-        row[0, : len(raw)] = np.frombuffer(raw, np.uint8)
-        self._b.array(L.SKIP_REASONS)[i : i + 1] = row
-        self._set_status(np.array([i]), L.SKIPPED)
 
     # -- reading ----------------------------------------------------------------
     def _require_complete(self, idx: np.ndarray) -> None:
@@ -365,17 +279,67 @@ class FeatureStore:
                     "(store.indices() lists the complete ones).")
         raise IncompleteCacheError(msg)
 
-    def _read(self, name: str, idx: np.ndarray, dtype=None) -> np.ndarray:
-        """Rows ``idx`` of array ``name``, in the order given (reads whole runs of consecutive images)."""
+    def _read(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of array ``name``, in the order given, checked against their checksums."""
         self._require_complete(idx)
-        arr = self._b.array(name)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        buf = np.empty((uniq.size, *arr.shape[1:]), dtype=dtype or arr.dtype)
-        for start, stop, pos in _runs(uniq):
-            buf[pos] = arr[start:stop]
+        buf, problems = self._load_rows(name, uniq)
+        if problems:
+            first = min(problems)
+            raise CorruptCacheError(
+                f"{self.path}: image {first} {self._samples[first]['path']!r} is damaged: {problems[first]}"
+                + (f" ({len(problems)} damaged images in this read)" if len(problems) > 1 else "")
+                + f". Run `funad cache verify {self.path}` to list every damaged image; `funad extract` "
+                "on the same output extracts them again")
         if uniq.size == idx.size and np.array_equal(uniq, idx):
             return buf
         return buf[inverse.reshape(-1)]
+
+    def _load_rows(self, name: str, uniq: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """Rows ``uniq`` (sorted, unique) of ``name``, and ``{image: problem}`` for those that cannot be
+        read or do not match their checksum (whole runs of consecutive images are read at once)."""
+        arr = self._b.array(name)
+        buf = np.empty((uniq.size, *arr.shape[1:]), dtype=arr.dtype)
+        problems: dict[int, str] = {}
+        for start, stop, pos in L.runs(uniq):
+            try:
+                buf[pos] = arr[start:stop]
+            except Exception:  # a damaged chunk: find which, one image at a time
+                for k, i in zip(range(pos.start, pos.stop), range(start, stop)):
+                    try:
+                        buf[k] = arr[i : i + 1][0]
+                    except Exception as exc:
+                        problems[i] = (f"its {name} chunk {self._b.chunk_location(name, i)} cannot be read "
+                                       f"({type(exc).__name__}: {str(exc)[:200]})")
+        if self._records is not None:
+            stored = self._records[uniq, L.RECORD_COLUMNS.index(name)]
+            for k in np.flatnonzero(row_checksums(buf) != stored):
+                i = int(uniq[k])
+                where = self._b.chunk_location(name, i)
+                what = "is missing" if not self._b.chunk_exists(name, i) else "does not match its checksum"
+                problems.setdefault(i, f"its {name} chunk {where} {what}")
+        return buf, problems
+
+    def verify(self, chunk: int = 64, on_progress: Optional[Callable[[int], None]] = None) -> list[dict]:
+        """Read every complete image and check it against its checksums.
+
+        Returns one dict per damaged image, ``{"index", "path", "problems": [str, ...]}`` (empty when
+        the store is sound); ``on_progress(n)`` is called after each chunk of n images.
+        """
+        if self._records is None:
+            raise CacheError(f"{self.path} was written by an older funad (cache format {self._version}) without "
+                             "checksums, so it cannot be verified; re-create it with `funad extract --overwrite`")
+        names = [L.PATCH_TOKENS, L.CLASS_TOKENS, L.MASKS] + ([L.PREVIEWS] if self._preview_hw else [])
+        found: dict[int, list[str]] = {}
+        idx = self.indices()
+        for s in range(0, idx.size, chunk):
+            part = idx[s : s + chunk]
+            for name in names:
+                for i, problem in self._load_rows(name, part)[1].items():
+                    found.setdefault(i, []).append(problem)
+            if on_progress is not None:
+                on_progress(part.size)
+        return [{"index": i, "path": self._samples[i]["path"], "problems": found[i]} for i in sorted(found)]
 
     def read_patch_tokens(self, indices) -> np.ndarray:
         """``(n, P, C)`` in the store's dtype."""
@@ -465,7 +429,27 @@ class FeatureStore:
 
     # -- lifetime ---------------------------------------------------------------
     def close(self) -> None:
-        self._b.close()
+        """Close; the writer that holds the lock first refreshes the records snapshot readers open with."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._lock is not None and self._records is not None and (
+                    self._snapshot_stale or int(self._b.array(L.SNAPSHOT_VALID)[0]) != 1):
+                self.refresh_snapshot()
+        finally:
+            self._b.close()
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object holds the store's writer lock."""
+        return self._lock is not None
 
     def __enter__(self) -> "FeatureStore":
         return self

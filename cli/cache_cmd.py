@@ -10,7 +10,7 @@ from rich.table import Table
 
 from funad import cache as feature_cache
 
-from .common import stdout_console, user_errors
+from .common import RichProgress, stdout_console, user_errors
 
 _LABELS = {0: "normal", 1: "anomalous", -1: "unknown"}
 _SHOW_SKIPPED = 10
@@ -86,3 +86,33 @@ def info(cache_path: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
+
+
+@cache.command("verify")
+@click.argument("cache_path", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the damaged images as JSON on stdout, for scripts.")
+@user_errors
+def verify(cache_path: Path, as_json: bool) -> None:
+    """Read every complete image of CACHE and check it against its checksums.
+
+    Lists each damaged image (a chunk file that is missing, unreadable or
+    changed) and exits with status 1 if there is any; `funad extract` on the
+    same output extracts exactly those images again.
+    """
+    with feature_cache.open(cache_path, mode="r") as store:
+        n_complete = int(store.complete.sum())
+        with RichProgress() as progress:
+            task = progress.task("verify", total=n_complete, unit="img")
+            damaged = store.verify(on_progress=task.advance)
+    if as_json:
+        click.echo(json.dumps({"path": str(cache_path), "n_checked": n_complete, "damaged": damaged}, indent=2))
+    elif not damaged:
+        stdout_console.print(f"{cache_path}: all {n_complete} complete images match their checksums")
+    else:
+        stdout_console.print(f"[red]{cache_path}: {len(damaged)} of {n_complete} complete images are damaged:[/]")
+        for d in damaged:
+            stdout_console.print(f"  {d['index']}  {d['path']}: {'; '.join(d['problems'])}", soft_wrap=True,
+                                 highlight=False)
+        stdout_console.print(f"Run `funad extract` with the same output ({cache_path}) to extract them again.")
+    if damaged:
+        raise SystemExit(1)

@@ -250,6 +250,7 @@ def extract(
                   "dataset_kind": kind, "dataset_root": str(root.resolve())}
     store = _open_store(output, samples, bb, attributes, dtype=dtype, format=format, overwrite=overwrite)
     try:
+        _pend_damaged(store, progress)
         return _run(store, root, samples, bb, skip_bad=skip_bad,
                     batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                     num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
@@ -273,6 +274,21 @@ def _open_store(output: Path, samples: list[Sample], bb: Backbone, attributes: d
         raise
     logger.info("resuming %s: %d of %d images already complete", output, int(store.complete.sum()), store.n_images)
     return store
+
+
+def _pend_damaged(store, progress: Progress) -> list[int]:
+    """Verify the images a resumed store holds; mark the damaged ones pending so this run redoes them."""
+    n_complete = int(store.complete.sum())
+    if not n_complete:
+        return []
+    task = progress.task("verify", total=n_complete, unit="img")
+    damaged = [d["index"] for d in store.verify(on_progress=task.advance)]
+    if damaged:
+        paths = store.paths
+        logger.warning("%s: %d damaged images will be extracted again: %s", store.path, len(damaged),
+                       ", ".join(paths[damaged[:10]]) + (" ..." if len(damaged) > 10 else ""))
+        store.mark_pending(damaged)
+    return damaged
 
 
 def _check_resumable(store, requested: dict, records: list[dict]) -> None:

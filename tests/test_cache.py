@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 
 from funad import cache
 from funad.cache import _zarr
+from funad.cli.cache_cmd import cache as cache_cli
 
 FORMATS = ["tiny.zarr", "tiny.h5"]
 
@@ -350,3 +352,176 @@ def test_cache_info_cli_errors_cleanly(tmp_path):
     res = CliRunner().invoke(cli, ["cache", "info", str(tmp_path / "missing.zarr")])
     assert res.exit_code == 1
     assert "no feature cache here" in res.output and "Traceback" not in res.output
+
+
+# -- checksums: damage cannot go unnoticed --------------------------------------------------------
+def test_row_checksums_see_every_kind_of_damage():
+    rows = np.random.default_rng(0).normal(size=(3, 40, 100)).astype(np.float16)  # 8000 B: a block and a tail
+    ref = cache.row_checksums(rows)
+    assert ref.dtype == np.uint64 and len(set(ref.tolist())) == 3
+    flipped = rows.copy()
+    flipped.reshape(3, -1).view(np.uint8)[1, 5000] ^= 1  # one bit in the tail
+    zeroed = rows.copy()
+    zeroed[2] = 0
+    assert (cache.row_checksums(flipped) != ref).tolist() == [False, True, False]
+    assert (cache.row_checksums(zeroed) != ref).tolist() == [False, False, True]
+    blocks = np.random.default_rng(1).integers(0, 256, size=(1, 2 * 4096), dtype=np.uint8)
+    reordered = np.concatenate([blocks[:, 4096:], blocks[:, :4096]], axis=1)  # same words, blocks swapped
+    assert cache.row_checksums(blocks)[0] != cache.row_checksums(reordered)[0]
+    np.testing.assert_array_equal(cache.row_checksums(rows[1:2]), ref[1:2])  # a row's checksum is its own
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
+    path = tiny_store(name)
+    with cache.open(path) as store:
+        original = store.read_features(np.arange(store.n_images))
+        p = store.n_patches * store.token_dim
+    if name.endswith(".zarr"):
+        (path / "patch_tokens/c/2/0/0").unlink()  # zarr would read the fill value, zeros
+        chunk = path / "class_tokens/c/4/0"
+        raw = bytearray(chunk.read_bytes())
+        raw[3] ^= 0x40
+        chunk.write_bytes(bytes(raw))
+        where_2, where_4 = "patch_tokens/c/2/0/0 is missing", "class_tokens/c/4/0 does not match its checksum"
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f["patch_tokens"][2, 0, 0] = 7.0  # a silent change of one value
+            f["class_tokens"][4, 1] = -3.0
+        where_2 = "row 2 of dataset 'patch_tokens' in .*does not match its checksum"
+        where_4 = "row 4 of dataset 'class_tokens'.*does not match"
+    with cache.open(path) as store:
+        np.testing.assert_array_equal(store.read_features([0, 1, 3]), original[[0, 1, 3]])
+        with pytest.raises(cache.CorruptCacheError, match=rf"image 2 'train/good/002.png' is damaged: .*{where_2}"):
+            store.read_features([1, 2])
+        with pytest.raises(cache.CorruptCacheError, match="cache verify"):
+            store.read_class_tokens([4])
+        damaged = store.verify(chunk=3)
+    assert [d["index"] for d in damaged] == [2, 4] and p > 0
+    assert re.search(where_2, damaged[0]["problems"][0]) and re.search(where_4, damaged[1]["problems"][0])
+
+
+def test_an_undecodable_compressed_chunk_is_reported(tiny_store):
+    path = tiny_store("t.zarr")
+    chunk = path / "previews/c/3/0/0/0"  # zstd-compressed
+    chunk.write_bytes(chunk.read_bytes()[:-6])
+    with cache.open(path) as store:
+        with pytest.raises(cache.CorruptCacheError, match=r"image 3 .*previews/c/3/0/0/0 cannot be read"):
+            store.read_previews([2, 3])
+        assert [d["index"] for d in store.verify()] == [3]
+        store.read_features([3])  # the features of that image are fine
+
+
+def test_cache_verify_cli_lists_damaged_images(tiny_store):
+    path = tiny_store("t.zarr")
+    ok = CliRunner().invoke(cache_cli, ["verify", str(path)])
+    assert ok.exit_code == 0 and "all 10 complete images match their checksums" in ok.output
+    (path / "patch_tokens/c/1/0/0").unlink()
+    (path / "patch_tokens/c/6/0/0").unlink()
+    res = CliRunner().invoke(cache_cli, ["verify", str(path)])
+    assert res.exit_code == 1 and "2 of 10 complete images are damaged" in res.output, res.output
+    assert "1  train/good/001.png" in res.output and "6  test/good/000.png" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(cache_cli, ["verify", "--json", str(path)])
+    assert [d["index"] for d in json.loads(res.output)["damaged"]] == [1, 6]
+    res = CliRunner().invoke(cache_cli, ["info", str(path)])
+    assert res.exit_code == 0  # info reads no features
+
+
+# -- records: one chunk per image, a snapshot for fast opening ------------------------------------
+def test_records_snapshot_is_refreshed_by_the_lock_holder(tmp_path):
+    path = tmp_path / "s.zarr"
+    patches, cls = _tokens(0)
+    with _create(path) as writer:
+        assert int(writer._b.array("records_snapshot_valid")[0]) == 1  # all pending, as created
+        writer.write(1, patch_tokens=patches, class_token=cls)
+        assert int(writer._b.array("records_snapshot_valid")[0]) == 0  # stale while writing
+        with cache.open(path) as reader:  # reads the per-image records meanwhile
+            assert reader.status.tolist() == [0, 1, 0, 0]
+        helper = cache.open(path, "a", lock=False)  # a rank of the same run
+        helper.write(3, patch_tokens=patches, class_token=cls)
+        helper.close()
+    with cache.open(path) as store:
+        assert int(store._b.array("records_snapshot_valid")[0]) == 1
+        np.testing.assert_array_equal(store._b.array("records_snapshot")[:], store._b.array("records")[:])
+        assert store.status.tolist() == [0, 1, 0, 1]
+    assert sorted(os.listdir(path / "records/c")) == ["1", "3"]  # one file per written image
+
+
+# -- the writer lock ---------------------------------------------------------------------------
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from funad import cache
+    store = cache.open(sys.argv[1], "a")
+    print("holding", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_second_writer_is_refused_with_the_holders_pid_and_host(tmp_path, name):
+    import socket
+
+    path = tmp_path / name
+    _create(path).close()
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(cache.CacheLockedError) as info:
+            cache.open(path, "a")
+        msg = str(info.value)
+        assert f"pid {proc.pid} on host {socket.gethostname()}" in msg and str(path) in msg
+        with pytest.raises(cache.CacheLockedError):
+            _create(path, overwrite=True)  # nor may it be replaced under the running writer
+        with cache.open(path) as reader:  # readers are never refused
+            assert reader.n_images == 4
+    finally:
+        proc.kill()
+        proc.wait()
+    with cache.open(path, "a") as store:  # the kernel dropped the dead holder's lock: taken over
+        assert store.holds_lock
+    assert not cache.lock_path(path).exists()  # released on close
+
+
+def test_two_writers_in_one_process_are_refused_too(tmp_path):
+    path = tmp_path / "one.zarr"
+    with _create(path):
+        with pytest.raises(cache.CacheLockedError, match=rf"pid {os.getpid()}"):
+            cache.open(path, "a")
+    cache.open(path, "a").close()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog, monkeypatch):
+    import errno
+    import socket
+
+    from funad.cache import lock as lock_module
+
+    path = tmp_path / "stale.zarr"
+    _create(path).close()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "2020-01-01T00:00:00+00:00"})
+    cache.lock_path(path).write_text(record)
+    with caplog.at_level("WARNING", logger="funad.cache.lock"):
+        cache.open(path, "a").close()
+    assert f"taking over the writer lock of pid {dead.pid}" in caplog.text
+
+    # a filesystem without flock: the recorded pid decides
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    cache.lock_path(path).write_text(record)
+    cache.open(path, "a").close()  # dead holder on this host: taken over
+    alive = json.dumps({"pid": os.getppid(), "host": socket.gethostname()})
+    cache.lock_path(path).write_text(alive)
+    with pytest.raises(cache.CacheLockedError, match=rf"pid {os.getppid()} on host"):
+        cache.open(path, "a")
+    cache.lock_path(path).write_text(json.dumps({"pid": 1, "host": "another-node"}))
+    with pytest.raises(cache.CacheLockedError, match="another-node.*if it is gone, delete the lock file"):
+        cache.open(path, "a")

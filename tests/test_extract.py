@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import funad
 from funad import cache
+from funad.cli.cache_cmd import cache as cache_cli
 from funad.cli.extract_cmd import extract as extract_cli
 from funad.pipelines.backbone import Backbone, BackboneSpec, MaskTransform, image_transform, load_backbone
 from funad.pipelines.errors import DatasetError
@@ -161,6 +162,29 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, bb):
     assert result.written == 6
     with cache.open(out) as store:
         assert store.dtype == "float32" and store.n_images == 6
+
+
+def test_extract_redoes_exactly_the_damaged_images(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=3)  # batches of 1: features do not depend on the batching
+    out = tmp_path / "f.zarr"
+    extract(data, out, backbone=bb, batch_size=1, num_workers=0)
+    with cache.open(out) as store:
+        idx = np.arange(store.n_images)
+        before = store.read_features(idx)
+        tokens_2 = store.read_patch_tokens([2])
+    (out / "patch_tokens/c/2/0/0").unlink()
+    mask = out / "masks/c/3/0/0"  # test/crack/000.png has a mask
+    mask.write_bytes(mask.read_bytes()[:-4])
+    res = CliRunner().invoke(cache_cli, ["verify", str(out)])
+    assert res.exit_code == 1 and "2 of 6 complete images are damaged" in res.output
+
+    result = extract(data, out, backbone=bb, batch_size=1, num_workers=0)
+    assert (result.already, result.written) == (4, 2)
+    with cache.open(out) as store:
+        assert store.verify() == []
+        np.testing.assert_array_equal(store.read_features(idx), before)
+        np.testing.assert_array_equal(store.read_patch_tokens([2]), tokens_2)
+    assert CliRunner().invoke(cache_cli, ["verify", str(out)]).exit_code == 0
 
 
 def test_changed_settings_are_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
