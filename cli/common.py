@@ -14,12 +14,12 @@ from typing import Callable, Optional
 
 import click
 from rich.console import Console
+from rich.table import Column
 from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress as RichProgressBar,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -69,11 +69,12 @@ class _RichTask:
 
     def __init__(self, bar: RichProgressBar, task_id, unit: str) -> None:
         self._bar, self._id, self._unit = bar, task_id, unit
+        self._own_rate = False
 
     def advance(self, n: float = 1) -> None:
         self._bar.advance(self._id, n)
         speed = self._bar.tasks[self._id].speed if self._id < len(self._bar.tasks) else None
-        if speed:
+        if speed and not self._own_rate:
             self._bar.update(self._id, rate=f"{speed:.3g} {self._unit}/s")
 
     def update(self, *, description: Optional[str] = None, total: Optional[float] = None, **fields: object) -> None:
@@ -82,6 +83,9 @@ class _RichTask:
             kw["description"] = description
         if total is not None:
             kw["total"] = total
+        rate = fields.pop("it/s", None)  # a rate the task measures itself replaces the bar's units/s
+        if isinstance(rate, (int, float)):
+            kw["rate"], self._own_rate = f"{rate:.3g} it/s", True
         info = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         self._bar.update(self._id, info=info, **kw)
 
@@ -90,24 +94,30 @@ class RichProgress:
     """Implements ``funad.pipelines.progress.Progress`` with a rich live bar (nothing when not a terminal).
 
     One line per task, laid out to fit 100 columns: description, a short
-    bar, done/total, percent, elapsed, ETA, rate, then the task's fields
-    (the fit shows its losses and it/s there).
+    bar, done/total, elapsed, ETA, rate (the task's own ``it/s`` field when
+    it reports one, else units/s), then the task's other fields (the fit's
+    losses), which are cut first when the line is too long.
     """
 
-    def __init__(self, disable: bool = False) -> None:
+    def __init__(self, disable: bool = False, console: Console = console) -> None:
+        def fixed(width: Optional[int] = None) -> Column:
+            return Column(no_wrap=True, min_width=width)
+
         self._bar = RichProgressBar(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, max_width=24,
+                                                                       overflow="ellipsis")),
+            BarColumn(bar_width=12, table_column=fixed(12)),
+            MofNCompleteColumn(table_column=fixed()),
+            TimeElapsedColumn(table_column=fixed(7)),
+            TextColumn("eta", table_column=fixed()),
+            TimeRemainingColumn(table_column=fixed(7)),
+            TextColumn("{task.fields[rate]}", table_column=fixed()),
+            # The task's fields (the fit's losses and it/s) take what is left and are cut first.
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
             console=console,
             disable=disable or not console.is_terminal,
             transient=False,
+            expand=True,
         )
 
     def __enter__(self) -> "RichProgress":

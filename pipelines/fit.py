@@ -182,9 +182,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         modeldir.write_config(model_dir, config)  # complete: false until the weights are written
         if spec.select == "oracle":
             logger.warning(ORACLE_WARNING)
-        logger.info("fitting %s on %d images of %s (%d moved anomalies, ratio %g, %s) on %s",
-                    spec.method, len(train_ids), store.path, split["n_moved"], spec.contamination,
-                    "overlap" if spec.overlap else "no overlap", dev)
+        logger.info("fitting %s on %d images of %s on %s", spec.method, len(train_ids), store.path, dev)
 
         source = make_source(store, train_ids, resident=resident, device=dev, progress=progress)
         model = modeldir.build_model(spec.method, config_dict, device=dev)
@@ -234,7 +232,7 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
         if checkpoint is not None:
             logger.warning("--select oracle after --resume only compares the epochs from %d on", done + 1)
         selector = OracleSelector(config, store, np.asarray(split["test_ids"], dtype=np.int64), dev)
-    task = progress.task("fit", total=epochs, unit="epoch")
+    task = progress.task("fit epoch", total=epochs, unit="epoch")
     task.advance(done)
     callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done)
     checkpointer = Checkpointer(model_dir, checkpoint_seconds, also=selector)
@@ -254,7 +252,7 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
         checkpointer.flush()
     if selector is not None and selector.best is not None:
         best = selector.best["point"]
-        logger.warning("ORACLE selection kept epoch %d (test image AUROC %.4f, pixel AUROC %.4f)",
-                       best["epoch"], best["image_auroc"], best["pixel_auroc"])
+        logger.debug("ORACLE selection kept epoch %d (test image AUROC %.4f, pixel AUROC %.4f)",
+                     best["epoch"], best["image_auroc"], best["pixel_auroc"])
         return selector.best["state"], callback.records, selector.record()
     return model.state_dict(), callback.records, None

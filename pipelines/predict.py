@@ -288,10 +288,8 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
         records.append({"path": str(path), "score": None, "error": reason})
     result = PredictResult(out_dir=out_dir, records=records, threshold=threshold, throughput=throughput)
     result.files = write_outputs(result, info)
-    logger.info("%d image(s) scored at %.1f images/s (%d error(s)); results in %s", n_scored,
-                throughput["images_per_s"] or 0.0, result.n_errors, out_dir)
-    if threshold is None:
-        logger.info(NO_THRESHOLD_NOTE)
+    logger.debug("%d image(s) scored at %.1f images/s (%d error(s)); results in %s", n_scored,
+                 throughput["images_per_s"] or 0.0, result.n_errors, out_dir)
     return result
 
 

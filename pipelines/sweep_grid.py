@@ -56,26 +56,24 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return out
 
 
-def parse_floats(text: str, what: str) -> list[float]:
-    """``"0,0.01,0.1"`` -> [0.0, 0.01, 0.1]; raises PipelineError naming ``what`` on a bad value."""
+def _parse_list(text: str, what: str, kind: type, noun: str) -> list:
     try:
-        values = [float(t) for t in text.split(",") if t.strip()]
+        values = [kind(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise PipelineError(f"{what} expects comma-separated numbers, got {text!r}") from None
+        raise PipelineError(f"{what} expects comma-separated {noun}, got {text!r}") from None
     if not values:
         raise PipelineError(f"{what} is empty")
-    return sorted(set(values))
+    return values
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """``"0,0.01,0.1"`` -> [0.0, 0.01, 0.1] sorted, duplicates dropped; PipelineError names ``what`` on a bad value."""
+    return sorted(set(_parse_list(text, what, float, "numbers")))
 
 
 def parse_ints(text: str, what: str) -> list[int]:
     """``"0,1,2"`` -> [0, 1, 2] in the given order, duplicates dropped."""
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise PipelineError(f"{what} expects comma-separated integers, got {text!r}") from None
-    if not values:
-        raise PipelineError(f"{what} is empty")
-    return list(dict.fromkeys(values))
+    return list(dict.fromkeys(_parse_list(text, what, int, "integers")))
 
 
 def parse_grid_sets(items: Sequence[str]) -> dict[str, list]:

@@ -295,5 +295,5 @@ def write_report_pictures(images: Sequence[np.ndarray], masks: Optional[Sequence
         grid_title = f"{title}  top {k} and bottom {k} by image score".strip()
         written["overview"].append(overview_grid([shot(i) for i in grid_idx], out_dir / "overview.png", vmin, vmax,
                                                  threshold, title=grid_title))
-    logger.info("wrote %d pictures to %s", sum(len(v) for v in written.values()), out_dir)
+    logger.debug("wrote %d pictures to %s", sum(len(v) for v in written.values()), out_dir)
     return written

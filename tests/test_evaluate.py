@@ -188,3 +188,13 @@ def test_several_model_dirs_with_one_name_are_refused(workdir, tmp_path):
     shutil.copytree(workdir / "knn_clean", twin)
     with pytest.raises(PipelineError, match="share the name"):
         ev.evaluate_many([workdir / "knn_clean", twin], tmp_path / "r", device="cpu")
+
+
+def test_eval_without_test_images_points_to_predict(tmp_path):
+    from test_fit_pipeline import make_store
+
+    store = make_store(tmp_path / "train_only.zarr", n_test_good=0, n_test_bad=0)  # a folder of training images
+    fit(store, tmp_path / "m", FitSpec(epochs=1, overrides=(("batch_size", 4),)), device="cpu")
+    res = CliRunner().invoke(eval_cmd, [str(tmp_path / "m"), "-o", str(tmp_path / "report"), "--device", "cpu"])
+    assert res.exit_code != 0 and res.output.startswith("Error: ")
+    assert "no test images" in res.output and f"funad predict {tmp_path / 'm'}" in res.output

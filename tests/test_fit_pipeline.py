@@ -250,7 +250,7 @@ class _InterruptAt:
                 pass
 
             def update(self, **fields):
-                if description == "fit" and "loss" in fields:
+                if description.startswith("fit") and "loss" in fields:
                     outer.seen += 1
                     if outer.seen == outer.n:
                         raise KeyboardInterrupt
@@ -373,3 +373,60 @@ def test_oracle_selection_is_labelled(store_path, tmp_path):
     assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(best["image_auroc"])
     res = run([store_path, "-o", tmp_path / "k", "--method", "knn", "--select", "oracle"])
     assert res.exit_code != 0 and "--select oracle" in res.output
+
+
+def test_fit_progress_line_fits_100_columns():
+    # Epoch count, elapsed, ETA, it/s and the losses all visible on a 100-column terminal.
+    import re
+    import time
+
+    from rich.console import Console
+
+    from funad.cli.common import RichProgress
+
+    con = Console(width=100, force_terminal=True, record=True, color_system=None)
+    with RichProgress(console=con) as progress:
+        progress.task("loading features", total=40, unit="img").advance(40)
+        log = fit_pipeline._EpochLogger(None, progress.task("fit epoch", total=1500, unit="epoch"), 7, 0)
+        for epoch in range(1, 4):
+            time.sleep(0.05)
+            log({"epoch": epoch, "loss": 1.2345678, "loss_bce": 1.1234, "loss_ms": 0.0234567})
+    last = con.export_text().splitlines()[-1]
+    assert len(last) <= 100
+    assert re.search(r"fit epoch .* 3/1500 \d+:\d\d:\d\d eta \d+:\d\d:\d\d [\d.]+ it/s loss 1\.23 bce 1\.12 ms 0\.0235",
+                     last), last
+
+
+def test_piped_output_is_plain_unwrapped_and_says_each_result_once(tmp_path):
+    from funad.cli.main import cli
+
+    deep = tmp_path / ("a-rather-long-folder-name-that-would-wrap-at-eighty-columns" * 2) / "model"
+    store = make_store(tmp_path / "feats.zarr")
+    res = CliRunner().invoke(cli, ["fit", str(store), "-o", str(deep), *FAST])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    written = [line for line in lines if "model written to" in line]
+    assert written == [f"model written to {deep} (funad, preset fast, 8 training images, 0 moved anomalies, "
+                       f"{written[0].rsplit(', ', 1)[1]}"]  # one unwrapped line, the full path in it
+    assert not any(line.strip() == "" for line in lines)  # no blank lines, no progress-bar debris
+    assert not any("━" in line for line in lines)
+    # An error is one line starting with "Error:", no blank line before it and no traceback.
+    res = CliRunner().invoke(cli, ["fit", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "m")])
+    assert res.exit_code != 0 and res.output.startswith("Error: ") and "Traceback" not in res.output
+
+
+def test_set_help_and_list_settings_name_every_field():
+    from funad.config import PRESETS, FunADConfig
+
+    fields = list(FunADConfig().to_dict())
+    help_text = " ".join(CliRunner().invoke(fit_cmd, ["--help"]).output.split())
+    assert all(name in help_text for name in fields) and "--list-settings" in help_text
+    res = CliRunner().invoke(fit_cmd, ["--list-settings"])  # no CACHE or -o needed
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│ ")}
+    assert set(fields) <= set(rows)
+    # e.g. epochs: default 1500, fast 60 (marked as differing), paper 1500
+    cells = [c.strip() for c in rows["epochs"].split("│")[1:-1]]
+    order = sorted(PRESETS)
+    assert cells[1] == "1500" and cells[2 + order.index("fast")] == "60 *" and cells[2 + order.index("paper")] == "1500"
+    assert "passes over the training set" in rows["epochs"]
