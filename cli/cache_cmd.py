@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from funad import cache as feature_cache
+from funad.pipelines import cache_tools
 
 from .common import RichProgress, stdout_console, user_errors
 
@@ -80,8 +80,7 @@ def cache() -> None:
 @user_errors
 def info(cache_path: Path, as_json: bool) -> None:
     """Summarise CACHE: image counts per split, label and defect type, metadata, size and completeness."""
-    with feature_cache.open(cache_path, mode="r") as store:
-        summary = store.summary()
+    summary = cache_tools.summarise(cache_path)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -99,11 +98,9 @@ def verify(cache_path: Path, as_json: bool) -> None:
     changed) and exits with status 1 if there is any; `funad extract` on the
     same output extracts exactly those images again.
     """
-    with feature_cache.open(cache_path, mode="r") as store:
-        n_complete = int(store.complete.sum())
-        with RichProgress() as progress:
-            task = progress.task("verify", total=n_complete, unit="img")
-            damaged = store.verify(on_progress=task.advance)
+    with RichProgress() as progress:
+        task = progress.task("verify", total=cache_tools.count_complete(cache_path), unit="img")
+        n_complete, damaged = cache_tools.verify(cache_path, on_progress=task.advance)
     if as_json:
         click.echo(json.dumps({"path": str(cache_path), "n_checked": n_complete, "damaged": damaged}, indent=2))
     elif not damaged:
