@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -47,19 +48,26 @@ def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Opti
             dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool) -> None:
     """Run the backbone once over DATA and store its features in OUTPUT.
 
-    Re-running on the same OUTPUT resumes: finished images are kept, the rest
-    are extracted. Different backbone, weights, layer or size settings are
-    refused unless --overwrite is given.
+    Re-running on the same OUTPUT resumes: finished images are kept (after a
+    check of their checksums; damaged ones are redone), the rest are extracted.
+    Different backbone, weights, layer or size settings are refused unless
+    --overwrite is given.
+
+    Several processes (GPUs, nodes) fill one zarr store when launched with
+    torchrun: `torchrun --nproc_per_node=N -m funad extract DATA -o OUTPUT ...`.
     """
     from funad.pipelines.backbone import BackboneSpec
     from funad.pipelines.extract import extract as run_extract
 
     spec = BackboneSpec(name=backbone, weights=None if weights is None else str(weights), layer=layer,
                         image_size=image_size)
-    with RichProgress() as progress:
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 reports
+    with RichProgress(disable=rank != 0) as progress:
         result = run_extract(data, output, dataset=dataset, backbone=spec, device=device, batch_size=batch_size,
                              precision=precision, format=fmt, dtype=dtype, num_workers=num_workers,
                              skip_bad=skip_bad, overwrite=overwrite, progress=progress)
+    if rank != 0:
+        return
     stdout_console.print(
         f"{result.path}: {result.written} images written, {result.skipped} skipped, {result.already} already "
         f"complete ({result.n_images} in all) in {result.seconds:.1f} s"

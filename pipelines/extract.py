@@ -32,6 +32,7 @@ from .backbone import (Backbone, BackboneSpec, ImageTransform, MaskTransform, kn
                        make_preview)
 from .datasets import Sample, detect_kind, read_dataset
 from .errors import DatasetError, PipelineError
+from . import distributed
 from .device import resolve_device
 from .progress import NullProgress, Progress
 
@@ -234,34 +235,73 @@ def extract(
         raise PipelineError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise PipelineError(f"--num-workers must be 0 or more, got {num_workers}")
-    root, output = Path(data), Path(output)
+    group = distributed.join()
+    try:
+        return _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
+                        batch_size=batch_size, precision=precision, format=format, dtype=dtype,
+                        num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite, progress=progress)
+    finally:
+        group.close()
+
+
+def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str,
+             backbone: Union[BackboneSpec, Backbone], device: str, batch_size: Optional[int], precision: str,
+             format: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
+             progress: Progress) -> ExtractResult:
+    """:func:`extract` in one of ``group.world`` processes: rank 0 creates or checks the store and
+    redoes damaged images, every rank extracts its share of the pending images, rank 0 closes."""
+    if group.world > 1 and cache.infer_format(output, format) == "hdf5":
+        raise PipelineError(f"{output}: an HDF5 file takes one writer process, so it cannot be filled by "
+                            f"{group.world} processes; write a zarr store (no .h5 suffix) with torchrun")
     kind = detect_kind(root) if dataset == "auto" and root.is_dir() else dataset
     samples = read_dataset(root, kind)
+    records = [s.as_record() for s in samples]
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
         if not overwrite and (output.exists() or output.is_symlink()):
             # refuse a store made with other settings before spending time on loading the backbone
-            with cache.open(output, "r", format=format) as existing:
-                _check_resumable(existing, {**known_metadata(backbone, precision), "dtype": dtype},
-                                 [s.as_record() for s in samples])
-        bb = load_backbone(backbone, resolve_device(device), precision=precision)
+            group.leader_runs(lambda: _precheck(output, format, {**known_metadata(backbone, precision),
+                                                                 "dtype": dtype}, records))
+        bb = load_backbone(backbone, distributed.rank_device(resolve_device(device), group), precision=precision)
     attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
                   "dataset_kind": kind, "dataset_root": str(root.resolve())}
-    store = _open_store(output, samples, bb, attributes, dtype=dtype, format=format, overwrite=overwrite)
+
+    def prepare():
+        store = _open_store(output, records, bb, attributes, dtype=dtype, format=format, overwrite=overwrite)
+        try:
+            _pend_damaged(store, progress)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    # rank 0 holds the writer lock for the whole run; the other ranks write without it
+    store = group.leader_runs(prepare) or cache.open(output, "a", format=format, lock=False)
     try:
-        _pend_damaged(store, progress)
-        return _run(store, root, samples, bb, skip_bad=skip_bad,
-                    batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
-                    num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
-                    progress=progress)
+        pending = np.flatnonzero(~store.complete)
+        result = _run(store, root, samples, bb, pending[group.rank :: group.world], skip_bad=skip_bad,
+                      batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
+                      num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
+                      progress=progress)
+        written, skipped = group.sum([result.written, result.skipped])  # waits until every rank has written
     finally:
-        store.close()
+        store.close()  # rank 0's close refreshes the records snapshot
+    total = ExtractResult(Path(store.path), store.n_images, written, skipped, store.n_images - pending.size,
+                          result.seconds)
+    if group.world > 1 and group.leader:
+        logger.info("%s: %d ranks wrote %d images (%d skipped) in %.1f s, %.2f images/s", output, group.world,
+                    written, skipped, total.seconds, total.images_per_second)
+    return total
 
 
-def _open_store(output: Path, samples: list[Sample], bb: Backbone, attributes: dict, *, dtype: str,
+def _precheck(output: Path, format: Optional[str], requested: dict, records: list[dict]) -> None:
+    with cache.open(output, "r", format=format) as existing:
+        _check_resumable(existing, requested, records)
+
+
+def _open_store(output: Path, records: list[dict], bb: Backbone, attributes: dict, *, dtype: str,
                 format: Optional[str], overwrite: bool):
-    records = [s.as_record() for s in samples]
     if overwrite or not (output.exists() or output.is_symlink()):
         return cache.create(output, samples=records, grid=bb.grid, token_dim=bb.token_dim,
                             mask_size=(bb.image_size, bb.image_size), preview_size=bb.preview_size,
@@ -314,12 +354,12 @@ def _check_same_samples(output: Path, stored: list[dict], records: list[dict]) -
                                    f"or pass --overwrite to start over")
 
 
-def _run(store, root: Path, samples: list[Sample], bb: Backbone, *, batch_size: int, num_workers: int,
-         skip_bad: bool, progress: Progress) -> ExtractResult:
-    pending = np.flatnonzero(~store.complete)
+def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.ndarray, *, batch_size: int,
+         num_workers: int, skip_bad: bool, progress: Progress) -> ExtractResult:
+    """Extract images ``pending`` (this process's share) into ``store``."""
     already = store.n_images - pending.size
     if pending.size == 0:
-        logger.info("%s: all %d images are already complete", store.path, store.n_images)
+        logger.info("%s: no pending images for this process (%d in the store)", store.path, store.n_images)
         return ExtractResult(Path(store.path), store.n_images, 0, 0, already, 0.0)
     task = progress.task("extract", total=pending.size, unit="img")
     loader = torch.utils.data.DataLoader(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
@@ -238,6 +242,69 @@ def test_cli_extract_with_a_local_weights_file(tmp_path, bb):
         assert store.complete.all()
     res = CliRunner().invoke(extract_cli, [*args, "--layer", "3"])
     assert res.exit_code == 1 and "layer: store has 11, this run asks for 3" in res.output
+
+
+def _half_done_store(out: Path, data: Path, opts: dict, monkeypatch) -> None:
+    """A store whose extraction stopped after two images."""
+    calls = {"n": 0}
+    original = Backbone.__call__
+
+    def stop_after_two(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, out, **opts)
+    monkeypatch.setattr(Backbone, "__call__", original)
+
+
+def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkeypatch):
+    """gloo on the CPU: 2 ranks resume a store a single process left half done; the result is
+    byte for byte the store one process makes (batches of 1, so batching cannot change a value)."""
+    data = make_mvtec(tmp_path / "data", n_train=3)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    spec = BackboneSpec(TINY, weights=str(weights), image_size=SIZE)
+    opts = dict(backbone=spec, device="cpu", precision="fp32", batch_size=1, num_workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets for its processes: the thread count changes float sums
+    try:
+        extract(data, tmp_path / "one.zarr", **opts)
+        _half_done_store(tmp_path / "two.zarr", data, opts, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "funad",
+           "extract", str(data), "-o", str(tmp_path / "two.zarr"), "--backbone", TINY, "--weights", str(weights),
+           "--image-size", str(SIZE), "--device", "cpu", "--precision", "fp32", "--batch-size", "1",
+           "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.count("images written") == 1  # rank 0 reports, for both
+    assert "4 images written, 0 skipped, 2 already complete (6 in all)" in res.stdout
+
+    with cache.open(tmp_path / "one.zarr") as one, cache.open(tmp_path / "two.zarr") as two:
+        assert two.complete.all() and two.verify() == []
+        for name in ("patch_tokens", "class_tokens", "masks", "previews", "skip_reasons", "records",
+                     "records_snapshot", "records_snapshot_valid"):
+            np.testing.assert_array_equal(two._b.array(name)[:], one._b.array(name)[:], err_msg=name)
+        drop = lambda attrs: {k: v for k, v in attrs.items() if k != "created_at"}  # noqa: E731
+        assert drop(two.attrs) == drop(one.attrs) and two.samples == one.samples
+    assert not cache.lock_path(tmp_path / "two.zarr").exists()
+
+
+def test_torchrun_refuses_an_hdf5_output(tmp_path, bb, monkeypatch):
+    from funad.pipelines import distributed
+    from funad.pipelines.errors import PipelineError
+
+    monkeypatch.setattr(distributed, "join", lambda: distributed.Group(rank=0, world=2))
+    data = make_mvtec(tmp_path / "data", n_train=1)
+    with pytest.raises(PipelineError, match=r"f\.h5: an HDF5 file takes one writer process.*zarr"):
+        extract(data, tmp_path / "f.h5", backbone=bb, num_workers=0)
 
 
 @pytest.mark.realdata
