@@ -30,23 +30,19 @@ from PIL import Image
 
 from funad import __version__, anomaly_map
 
-from .errors import BackboneError, DatasetError, PipelineError
+from .errors import DatasetError, PipelineError
 from .backbone import PRECISIONS
 from .dataset_files import IMAGE_SUFFIXES
 from .device import resolve_device
 from .evaluate import check_report_dir, place_model
 from .scoring import MAP_SIGMA
-from .modeldir import ModelInfo, attr_differences, load_model_dir
+from .model_backbone import backbone_for_model, features
+from .modeldir import ModelInfo, load_model_dir
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
 
 NO_THRESHOLD_NOTE = "no --threshold given: scores are reported without an anomalous/normal decision"
-
-# Recorded backbone settings that the rebuilt backbone must reproduce exactly.
-CHECKED_ATTRS = ("backbone", "weights_sha256", "layer", "image_size", "resize", "crop", "mean", "std",
-                 "patch_size", "grid", "token_dim", "feature_dim")
-
 
 @dataclass
 class PredictResult:
@@ -112,94 +108,6 @@ class ImageFiles(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             size = self.transform.image_size
             return i, torch.zeros(3, size, size, dtype=torch.uint8), f"cannot read image: {type(exc).__name__}: {exc}"
-
-
-# --------------------------------------------------------------------------- backbone
-
-
-def _spec_for(attrs: dict, info: ModelInfo, weights: Optional[Path]):
-    """The BackboneSpec that rebuilds the recorded backbone (``weights`` replaces the recorded file)."""
-    from .backbone import BackboneSpec, file_sha256
-
-    name, recorded, recorded_sha = attrs["backbone"], str(attrs.get("weights") or ""), attrs.get("weights_sha256")
-    common = dict(name=name, layer=attrs.get("layer"), image_size=attrs.get("image_size"))
-    if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise BackboneError(f"weights file {weights} does not exist; check the --weights path")
-        sha = file_sha256(weights)
-        if recorded_sha and sha != recorded_sha:
-            raise BackboneError(
-                f"weights file {weights} has sha256 {sha[:12]}..., but model {info.path} was fitted on features "
-                f"from {recorded or 'other weights'} with sha256 {str(recorded_sha)[:12]}...; pass that weights file"
-            )
-        return BackboneSpec(weights=str(weights), **common)
-    if recorded.startswith("random-init"):  # a test/timing backbone, rebuilt from its fixed seed
-        return BackboneSpec(pretrained=False, **common)
-    if recorded.startswith("timm:") or not recorded:  # timm's own pretrained weights
-        return BackboneSpec(**common)
-    if not Path(recorded).is_file():
-        raise BackboneError(
-            f"model {info.path} records the backbone weights file {recorded}, which does not exist here; pass a "
-            f"copy with --weights FILE (its sha256 must be {str(recorded_sha)[:12]}...)"
-        )
-    return BackboneSpec(weights=recorded, **common)
-
-
-def backbone_for_model(info: ModelInfo, device: torch.device, *, weights: Optional[Path] = None,
-                       precision: Optional[str] = None):
-    """Rebuild the backbone a model's features came from and check that it matches.
-
-    Args:
-        weights: a local weights file replacing the recorded one; its sha256
-            must equal the recorded ``weights_sha256``.
-        precision: backbone autocast; default: the precision the cache was extracted with.
-    Returns:
-        A ``funad.pipelines.backbone.Backbone``.
-    Raises:
-        BackboneError naming every differing setting.
-    """
-    from .backbone import load_backbone
-
-    attrs = dict(info.cache.get("attrs", {}))
-    if "backbone" not in attrs:
-        raise BackboneError(f"{info.path / 'config.json'} records no backbone (its cache attrs lack 'backbone'); "
-                            f"predict needs a model fitted on features extracted by `funad extract`")
-    recorded_precision = attrs.get("precision", "fp32")
-    precision = precision or recorded_precision
-    if precision != recorded_precision:
-        logger.warning("backbone precision %s differs from the %s the model's cache was extracted with; scores "
-                       "will differ slightly from the cached ones", precision, recorded_precision)
-    bb = load_backbone(_spec_for(attrs, info, weights), device, precision=precision)
-    check_backbone(bb.metadata, attrs, info)
-    return bb
-
-
-def check_backbone(have: dict, recorded: dict, info: ModelInfo) -> None:
-    """Raise BackboneError when a rebuilt backbone's metadata differs from the model's record."""
-    diffs = attr_differences(recorded, have, CHECKED_ATTRS, "backbone")
-    if diffs:
-        raise BackboneError(
-            f"the backbone rebuilt for model {info.path} does not reproduce its features: " + "; ".join(diffs)
-            + ". Use the backbone settings and weights the model's cache was extracted with."
-        )
-
-
-def features(bb, crops: torch.Tensor, store_dtype: str = "float32") -> torch.Tensor:
-    """Backbone features laid out, and rounded, as the model's cache stores them.
-
-    Args:
-        crops: (n, 3, S, S) uint8 resized and cropped images.
-        store_dtype: the cache's token dtype; tokens are rounded through it, as
-            ``funad extract`` does before writing, so predict sees what fit saw.
-    Returns:
-        (n, P, 2C) float32 on the backbone's device: the class token repeated
-        for every patch, then the patch token.
-    """
-    cls, patches = bb(bb.normalize(crops))
-    if store_dtype == "float16":
-        cls, patches = cls.half().float(), patches.half().float()
-    return torch.cat([cls[:, None, :].expand(-1, patches.shape[1], -1), patches], dim=2)
 
 
 # --------------------------------------------------------------------------- the run

@@ -55,7 +55,8 @@ def compute_metrics(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndar
 
 
 def measure(patch_scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, grid: tuple[int, int], *,
-            sigma: float = MAP_SIGMA, device: Optional[torch.device] = None) -> Measured:
+            sigma: float = MAP_SIGMA, device: Optional[torch.device] = None,
+            image_scores: Optional[np.ndarray] = None) -> Measured:
     """Image scores, anomaly maps (upsampled to the masks' size, Gaussian ``sigma``) and metrics.
 
     Args:
@@ -63,10 +64,12 @@ def measure(patch_scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, gri
         labels: (n,) 0/1. masks: (n, H, W) 0/1; (H, W) is the maps' size.
         grid: the cache's patch grid (h, w).
         device: where the maps are built (default: the CPU).
+        image_scores: (n,) the model's own image scores when they are not
+            the max patch score (e.g. a re-weighted kNN); default: the max.
     """
     patch_scores = np.asarray(patch_scores, dtype=np.float32)
     maps = anomaly_map.patch_scores_to_maps(patch_scores, grid, masks.shape[1:], sigma=sigma, device=device)
-    image_scores = patch_scores.max(axis=1)
+    image_scores = patch_scores.max(axis=1) if image_scores is None else np.asarray(image_scores, dtype=np.float32)
     return Measured(patch_scores, image_scores, maps, compute_metrics(labels, image_scores, masks, maps))
 
 
