@@ -3,19 +3,23 @@
 Three stages overlap: a DataLoader decodes and pre-processes images (in worker
 processes on a GPU; between forward passes on CPU, see
 :func:`default_num_workers`), the main thread runs the backbone, and a writer
-thread stores finished batches (bounded queue, so memory stays flat). An image's status is written after its
+thread stores finished batches (bounded queue, so memory stays flat; see
+:mod:`funad.pipelines.extract_io`). An image's status is written after its
 data, so an interrupted run keeps every finished image and a re-run on the same
-output resumes with the rest. Settings that change the features (backbone,
-weights, block, input size, precision, dtype) must match the store's to resume;
-``overwrite=True`` starts over instead.
+output resumes with the rest, after checking the finished images' checksums and
+redoing damaged ones. Settings that change the features (backbone, weights,
+block, input size, precision, dtype) must match the store's to resume, and are
+checked before the backbone loads; ``overwrite=True`` starts over instead.
+
+Launched by ``torchrun``, every process runs this same function
+(:mod:`funad.pipelines.distributed`): rank 0 creates or checks the store and
+holds its writer lock, each rank extracts every ``world``-th pending image.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +27,16 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
 import funad
 from funad import cache
 
-from .backbone import (Backbone, BackboneSpec, ImageTransform, MaskTransform, known_metadata, load_backbone,
-                       make_preview)
+from .backbone import Backbone, BackboneSpec, known_metadata, load_backbone
 from .datasets import Sample, detect_kind, read_dataset
-from .errors import DatasetError, PipelineError
 from . import distributed
 from .device import resolve_device
+from .errors import DatasetError, PipelineError
+from .extract_io import BatchWriter, ImageDataset, collate
 from .progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
@@ -42,8 +45,6 @@ logger = logging.getLogger(__name__)
 # "weights" (the file path) is left out: the same file moved elsewhere has the same sha256.
 RESUME_KEYS = ("backbone", "weights_sha256", "layer", "image_size", "resize", "crop", "resize_interpolation",
                "mean", "std", "grid", "token_dim", "precision", "dtype")
-# Batches waiting for the writer thread; bounds memory to this many batches of features.
-WRITE_QUEUE_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -81,116 +82,6 @@ def default_num_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-# --------------------------------------------------------------------------- data loading
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, S, S)``, mask ``(S, S)``, preview, or an error."""
-
-    def __init__(self, root: Path, samples: list[Sample], indices: np.ndarray, image_size: int,
-                 preview_size: int) -> None:
-        self.root = root
-        self.samples = samples
-        self.indices = indices
-        self.image_size = image_size
-        self.preview_size = preview_size
-        self.image_tf = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # crop only; normalised on device
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> dict:
-        i = int(self.indices[k])
-        s = self.samples[i]
-        try:
-            crop, mask = self._load(s)
-        except Exception as exc:  # any decoding failure is reported with its path, in the main process
-            return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
-        return {
-            "index": i,
-            "error": None,
-            "image": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
-            "mask": mask,
-            "preview": make_preview(crop, self.preview_size),
-        }
-
-    def _load(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
-        with Image.open(self.root / s.path) as im:
-            im.load()
-            size = im.size
-            crop = self.image_tf.crop(im)
-        if s.mask_path is None:
-            return crop, np.zeros((self.image_size, self.image_size), np.uint8)
-        with Image.open(self.root / s.mask_path) as m:
-            if m.size != size:
-                raise DatasetError(f"mask {self.root / s.mask_path} is {m.size[0]}x{m.size[1]} but the image is "
-                                   f"{size[0]}x{size[1]}; masks must have their image's size")
-            mask = MaskTransform(self.image_size, s.mask_threshold)(m)
-        return crop, mask
-
-
-def _collate(items: list[dict]) -> dict:
-    good = [it for it in items if it["error"] is None]
-    batch = {"bad": [(it["index"], it["error"]) for it in items if it["error"] is not None],
-             "indices": np.array([it["index"] for it in good], dtype=np.int64)}
-    if good:
-        batch["images"] = torch.stack([it["image"] for it in good])
-        batch["masks"] = np.stack([it["mask"] for it in good])
-        batch["previews"] = np.stack([it["preview"] for it in good])
-    return batch
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class _Writer:
-    """A thread that writes batches to the store in order; errors surface in the caller's thread."""
-
-    def __init__(self, store, task, max_batches: int = WRITE_QUEUE_BATCHES) -> None:
-        self._store = store
-        self._task = task
-        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self.error: Optional[BaseException] = None
-        self.written = 0
-        self.skipped = 0
-        self._thread = threading.Thread(target=self._run, name="funad-extract-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain after a failure so put() never blocks forever
-            try:
-                kind, payload = item
-                if kind == "skip":
-                    index, reason = payload
-                    self._store.mark_skipped(index, reason)
-                    self.skipped += 1
-                    self._task.advance(1)
-                else:
-                    self._store.write_batch(payload["indices"], patch_tokens=payload["patch_tokens"],
-                                            class_tokens=payload["class_tokens"], masks=payload["masks"],
-                                            previews=payload["previews"])
-                    self.written += len(payload["indices"])
-                    self._task.advance(len(payload["indices"]))
-            except BaseException as exc:  # re-raised in the main thread by put()/close()
-                self.error = exc
-
-    def put(self, kind: str, payload) -> None:
-        self._raise_error()
-        self._queue.put((kind, payload))
-
-    def _raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Write what is queued, stop the thread, and re-raise a write error if one happened."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_error()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -363,12 +254,12 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.nda
         return ExtractResult(Path(store.path), store.n_images, 0, 0, already, 0.0)
     task = progress.task("extract", total=pending.size, unit="img")
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(root, samples, pending, bb.image_size, bb.preview_size),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        ImageDataset(root, samples, pending, bb.image_size, bb.preview_size),
+        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
         pin_memory=bb.device.type == "cuda")
     out_dtype = torch.float16 if store.dtype == "float16" else torch.float32
     start = time.perf_counter()
-    writer = _Writer(store, task)
+    writer = BatchWriter(store, task)
     try:
         for batch in loader:
             for index, reason in batch["bad"]:
