@@ -75,5 +75,5 @@ def evaluate(model_dirs: tuple[Path, ...], cache_path: Optional[Path], report_di
     stdout_console.print(results_table(results, mean))
     speeds = ", ".join(f"{r.name} {r.metrics['throughput']['images_per_s']:.0f}" for r in results
                        if r.metrics["throughput"]["images_per_s"] is not None)
-    console.print(f"eval throughput (images/s, cache -> maps): {speeds}")
+    console.print(f"eval throughput (images/s, cache -> scores, maps and metrics): {speeds}")
     console.print(f"ρ: contamination ratio, 'ov' = overlap setting. Report: {report_dir}")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import click
 
+from funad.pipelines.settings import FIELDS
+
 from .common import RichProgress, console, user_errors
 
 
@@ -23,7 +25,8 @@ from .common import RichProgress, console, user_errors
 @click.option("--seeds", default="0", show_default=True, metavar="S1,S2,...",
               help="Each seed draws its own contamination split and fit.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2",
-              help="Grid over a FunADConfig field (repeatable), e.g. --set lambda_=0,2.5 --set r=0.25,0.5.")
+              help=f"Grid over a FunADConfig field (repeatable), e.g. --set lambda_=0,2.5 --set r=0.25,0.5. "
+                   f"Fields: {', '.join(FIELDS)} (defaults and presets: funad fit --list-settings).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the FUN-AD presets' epochs.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @user_errors
