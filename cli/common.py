@@ -141,7 +141,8 @@ def user_errors(fn: Callable) -> Callable:
         except user_error_types() as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted; completed work is kept and a re-run resumes[/]")
+            console.print("[yellow]interrupted; finished work is kept: run the same command again to continue "
+                          "(funad fit: add --resume)[/]")
             sys.exit(130)
 
     return wrapper
