@@ -35,7 +35,7 @@ demo: venv
 	@# Fit once; an interrupted fit resumes, a finished one is kept.
 	@if [ -f $(DEMO)/model/model.safetensors ]; then echo "$(DEMO)/model is already fitted (rm -r it to re-fit)"; \
 	else $(BIN)/funad fit $(DEMO)/bottle.zarr -o $(DEMO)/model --contamination 0.1 --no-overlap \
-	    $$([ -f $(DEMO)/model/checkpoint.pt ] && echo --resume); fi
+	    $$([ -f $(DEMO)/model/config.json ] && echo --resume); fi
 	$(BIN)/funad eval $(DEMO)/model -o $(DEMO)/report
 
 test: venv
