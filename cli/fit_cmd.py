@@ -20,8 +20,9 @@ def _methods() -> tuple:
     return METHODS
 
 
-def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
-    """``("lambda_=1", "r=0.25")`` -> ``(("lambda_", 1.0), ("r", 0.25))``, typed like FunADConfig.
+def parse_sets(values: tuple[str, ...], method: str = "funad") -> tuple[tuple[str, Any], ...]:
+    """``("lambda_=1", "r=0.25")`` -> ``(("lambda_", 1.0), ("r", 0.25))``, typed like FunADConfig
+    (or like the baseline ``method``'s settings, e.g. ``noise_ratio`` for softpatch).
 
     A misspelt name or a bad value raises click.BadParameter naming it.
     """
@@ -32,7 +33,7 @@ def parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         if not sep or not name:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
         try:
-            out[name] = parse_setting(name, text.strip())
+            out[name] = parse_setting(name, text.strip(), method)
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--set") from None
     return tuple(sorted(out.items()))
@@ -80,12 +81,15 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("-o", "--output", "model_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Model directory to write (weights, config.json, train_log.jsonl, checkpoint.pt).")
 @click.option("--method", default="funad", show_default=True, type=LazyChoice(_methods),
-              help="FUN-AD, or a baseline (knn: PatchCore-style nearest neighbours).")
+              help="FUN-AD, or a baseline: knn (PatchCore on the cached features) or softpatch (SoftPatch, "
+                   "NeurIPS 2022: patch-level denoising before the coreset).")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(sorted(PRESETS)),
               help="FUN-AD settings bundle: 'paper' is the faithful algorithm; the others trade measured accuracy for speed.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
               help=f"Override one FunADConfig field (repeatable), e.g. --set lambda_=1 --set bank_every=4. "
-                   f"Fields: {', '.join(FIELDS)}. Defaults and presets: --list-settings.")
+                   f"Fields: {', '.join(FIELDS)}. Defaults and presets: --list-settings. The baselines take "
+                   f"their own settings, e.g. --method softpatch --set noise_ratio=0.1 --set weighting=gaussian "
+                   f"(all in funad/pipelines/baselines.py).")
 @click.option("--list-settings", is_flag=True, is_eager=True, expose_value=False, callback=_list_settings,
               help="Show every FunADConfig field with its default, each preset's value and its meaning, and exit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's number of epochs.")
@@ -99,7 +103,8 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("--resident", default="auto", show_default=True, type=click.Choice(["auto", "memory", "stream"]),
               help="Training features: in memory (GPU when it fits), streamed from the store, or chosen by size.")
 @click.option("--coreset-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="kNN only: keep this fraction of the bank (greedy coreset); default: the whole bank.")
+              help="knn/softpatch: keep this fraction of the training patches (PatchCore's approximate greedy "
+                   "coreset); default 0.1; 1 keeps the full bank.")
 @click.option("--select", default="final", show_default=True, type=click.Choice(["final", "oracle"]),
               help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
@@ -124,20 +129,18 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
 
     options = {"method": method, "preset": preset, "epochs": epochs, "seed": seed,
                "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select}
-    overrides = parse_sets(sets)
     recorded = _recorded_options(model_dir) if resume else None
     if recorded:
         ctx = click.get_current_context()
         for name in _SPEC_OPTIONS:
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
                 options[name] = recorded.get(name, options[name])
+    overrides = parse_sets(sets, options["method"])
+    if recorded:
         # --set on --resume adds to the recorded overrides (a change is then refused by the pipeline).
         overrides = tuple(sorted({**(recorded.get("overrides") or {}), **dict(overrides)}.items()))
     if options["method"] == "funad" and options["coreset_ratio"] is not None:
         raise click.BadParameter("applies to the baselines (e.g. --method knn) only", param_hint="--coreset-ratio")
-    if options["method"] != "funad" and overrides:
-        raise click.BadParameter(f"FunADConfig overrides do not apply to --method {options['method']}",
-                                 param_hint="--set")
     spec = FitSpec(method=options["method"], preset=options["preset"], overrides=overrides, epochs=options["epochs"],
                    seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
                    coreset_ratio=options["coreset_ratio"], select=options["select"])

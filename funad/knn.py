@@ -1,25 +1,44 @@
-"""The baseline: PatchCore-style nearest-neighbour scoring on the same features.
+"""The PatchCore baseline: a coreset memory bank, nearest-neighbour patch scores, PatchCore's image score.
 
-The memory bank holds the patch features of every training image, optionally
-thinned by PatchCore's approximate greedy coreset (Roth et al., CVPR 2022,
-``ApproximateGreedyCoresetSampler``). A patch's score is the Euclidean
-distance to its nearest bank feature; an image's score is the maximum over
-its patches. Higher = more anomalous, as for :class:`funad.model.FunAD`.
+What is computed (Roth et al., "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022), on the cache's features without PatchCore's local
+feature aggregation:
 
-It trusts its training set: anomalies that were moved into training (the
-contamination protocol) sit in the bank and mask their look-alikes in the
-test set, which is why such one-class methods collapse in the overlap setting.
+- **Bank.** Every training patch, thinned to ``coreset_ratio`` (default
+  :data:`DEFAULT_CORESET_RATIO` = 0.1, PatchCore's usual 10%) with the
+  approximate greedy coreset of :mod:`funad.coreset` (sparse random
+  projection to 128 dimensions, then exact k-center greedy). ``coreset_ratio
+  = 1`` keeps the full bank.
+- **Patch score** (the anomaly map): s_j = ||f_j - m_j||, the Euclidean
+  distance of test patch f_j to its nearest bank feature m_j.
+- **Image score** (PatchCore Eq. 7): take the most anomalous patch
+  j* = argmax_j s_j with s* = s_j* and its nearest bank feature m* = m_j*. Let
+  N_b(m*) be the b bank features nearest to m* (m* itself included, b =
+  ``reweight_neighbours``, default 9 as in anomalib's PatchCore; the paper
+  does not fix b). The image score is
+
+      s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(||f_j* - m||)) * s*,
+
+  computed as 1 - softmax for stability. The weight grows towards 1 when m*
+  is an isolated bank feature (its neighbours lie far from the test patch),
+  and is about 1 - 1/b inside a dense region. ``reweight_neighbours=1``
+  turns the reweighting off (image score = max patch score).
+
+Higher = more anomalous, as for :class:`funad.model.FunAD`. It trusts its
+training set: anomalies moved into training (the contamination protocol) sit
+in the bank and mask their look-alikes in the test set, which is why
+one-class methods collapse in the overlap setting.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from .coreset import approximate_greedy_coreset, coreset_size
 from .data import FeatureSource, as_source
 from .errors import ConfigError, DataError, NotFittedError
 from .nn import BACKENDS, NNIndex
@@ -28,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 # Images read from a feature source at once.
 _CHUNK_IMAGES = 64
+# PatchCore's usual coreset: 10% of the training patches.
+DEFAULT_CORESET_RATIO = 0.1
+# b of PatchCore's image-score reweighting (anomalib's default).
+DEFAULT_REWEIGHT_NEIGHBOURS = 9
 
 FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
 
@@ -42,84 +65,80 @@ def _iter_chunks(source: FeatureSource, chunk: int = _CHUNK_IMAGES):
         yield x.float()
 
 
-def greedy_coreset(features: torch.Tensor, n_select: int, seed: int = 0,
-                   projection_dim: Optional[int] = 128) -> torch.Tensor:
-    """PatchCore's approximate greedy coreset (k-center greedy on a random projection).
+def gather_bank(source: FeatureSource, device=None) -> torch.Tensor:
+    """Every patch of ``source`` as one float32 (n_images * n_patches, dim) tensor (on ``device`` when given)."""
+    if source.n_images == 0:
+        raise DataError("no training images: the feature source is empty")
+    parts = []
+    for x in _iter_chunks(source):
+        if device is not None:
+            x = x.to(device)
+        parts.append(x.reshape(-1, x.shape[-1]))
+    return torch.cat(parts)
 
-    Features are projected to ``projection_dim`` dimensions with a seeded
-    Gaussian matrix (skipped when ``None`` or when D is already smaller).
-    Starting from one random point, the point farthest from the selected set
-    is added until ``n_select`` points are chosen. (PatchCore starts from
-    the mean distance to 10 random points that it does not keep; one kept
-    starting point is the plain k-center greedy.)
 
-    Cost: one pass over the projected bank per selected point,
-    O(n_select * M * projection_dim), memory-bound and sequential. On a GPU
-    this takes seconds; on this project's shared 2-core CPU a 10% coreset of
-    a bottle-sized bank (180k patches) takes on the order of 15 minutes
-    (``benchmarks/bench_eval.py``), so leave ``coreset_ratio`` off there.
+def image_score_weights(queries: torch.Tensor, nearest: torch.Tensor, bank: torch.Tensor, index: NNIndex,
+                        b: int) -> torch.Tensor:
+    """PatchCore's reweighting factor 1 - softmax for each image's most anomalous patch (module docstring).
 
     Args:
-        features: (M, D) float tensor; the work happens on its device.
-        n_select: points to keep, 1 <= n_select <= M.
-        seed: seeds the projection and the first point.
-        projection_dim: dimension of the random projection.
+        queries: (n, D) the most anomalous patch of each image (f_j*).
+        nearest: (n,) int64, the index of its nearest bank feature (m*).
+        bank: (n_bank, D) the memory bank; ``index`` searches it.
+        b: neighbourhood size, clipped to the bank size; 1 gives weight 1.
 
     Returns:
-        int64 (n_select,) indices into ``features``, in selection order.
+        (n,) float32 weights in [0, 1].
     """
-    m, d = features.shape
-    if not 1 <= n_select <= m:
-        raise DataError(f"cannot select {n_select} coreset points from {m} features")
-    gen = torch.Generator().manual_seed(int(seed))
-    x = features.float()
-    if projection_dim is not None and projection_dim < d:
-        proj = torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)
-        x = x @ proj.to(x.device)
-    sqnorm = (x * x).sum(dim=1)
-    selected = torch.empty(n_select, dtype=torch.int64, device=x.device)
-    current = int(torch.randint(m, (1,), generator=gen))
-    min_sqdist = torch.full((m,), float("inf"), device=x.device)
-    for i in range(n_select):
-        selected[i] = current
-        # ||x - c||² = ||x||² - 2 x·c + ||c||², one matrix-vector product per step.
-        sqdist = torch.addmv(sqnorm + sqnorm[current], x, x[current], alpha=-2.0)
-        torch.minimum(min_sqdist, sqdist, out=min_sqdist)
-        current = int(torch.argmax(min_sqdist))
-    return selected
+    b = min(int(b), int(bank.shape[0]))
+    if b <= 1:
+        return torch.ones(queries.shape[0], dtype=torch.float32, device=queries.device)
+    _, hood = index.search(bank.index_select(0, nearest.to(bank.device)), b)  # N_b(m*), m* first
+    hood = hood.to(bank.device)
+    members = bank.index_select(0, hood.reshape(-1)).reshape(hood.shape[0], b, -1).to(queries.device)
+    dist = (members - queries.unsqueeze(1)).norm(dim=2)  # ||f_j* - m|| for m in N_b(m*)
+    own = (bank.index_select(0, nearest.to(bank.device)).to(queries.device) - queries).norm(dim=1)  # s*
+    return 1.0 - torch.exp(own - torch.logsumexp(dist, dim=1))
 
 
 class KNNScorer:
-    """Nearest-neighbour anomaly scorer (PatchCore without its feature aggregation).
+    """PatchCore on cached features (module docstring): coreset bank, NN patch scores, reweighted image score.
 
     Args:
-        coreset_ratio: keep this fraction (0, 1] of the bank with the greedy
-            coreset; ``None`` keeps every training patch.
-        seed: seeds the coreset's projection and starting point.
+        coreset_ratio: keep this fraction (0, 1] of the training patches with
+            the approximate greedy coreset; 1 keeps them all.
+        seed: seeds the coreset's projection and starting points.
         backend: nearest-neighbour back-end, "auto", "torch" or "faiss"
             (:class:`funad.nn.NNIndex`).
         device: where the bank and the searches live; default: the device of
             the training features.
+        reweight_neighbours: b of the image-score reweighting; 1 = plain max.
 
     Attributes (after ``fit``):
         bank_: (n_bank, dim) float32 memory bank.
         dim_: feature dimension D.
         index_: the :class:`funad.nn.NNIndex` over the bank.
+        n_train_patches_: training patches the bank was chosen from (fit only).
     """
 
-    def __init__(self, coreset_ratio: Optional[float] = None, seed: int = 0, backend: str = "auto",
-                 device: Union[str, torch.device, None] = None) -> None:
+    def __init__(self, coreset_ratio: float = DEFAULT_CORESET_RATIO, seed: int = 0, backend: str = "auto",
+                 device: Union[str, torch.device, None] = None,
+                 reweight_neighbours: int = DEFAULT_REWEIGHT_NEIGHBOURS) -> None:
         self.coreset_ratio = coreset_ratio
         self.seed = seed
         self.backend = backend
         self.device = device
+        self.reweight_neighbours = reweight_neighbours
 
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
         r = self.coreset_ratio
-        if r is not None and not 0.0 < r <= 1.0:
-            raise ConfigError(f"coreset_ratio must lie in (0, 1] or be None (keep all patches), got {r}")
+        if not (isinstance(r, (int, float)) and 0.0 < r <= 1.0):
+            raise ConfigError(f"coreset_ratio must lie in (0, 1] (1 keeps every training patch), got {r!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown nearest-neighbour backend {self.backend!r}; choose one of {BACKENDS}")
+        b = self.reweight_neighbours
+        if not (isinstance(b, int) and b >= 1):
+            raise ConfigError(f"reweight_neighbours must be an integer >= 1 (1 = no reweighting), got {b!r}")
 
     # ------------------------------------------------------------------ fitting
 
@@ -134,24 +153,15 @@ class KNNScorer:
         Returns:
             self.
         """
-        self._check_params()
-        source = as_source(features)
-        if source.n_images == 0:
-            raise DataError("no training images: the feature source is empty")
-        parts = []
-        for x in _iter_chunks(source):
-            if self.device is not None:
-                x = x.to(self.device)
-            parts.append(x.reshape(-1, x.shape[-1]))
-        bank = torch.cat(parts)
-        del parts
+        self.check_params()
+        bank = gather_bank(as_source(features), self.device)
         n_all = int(bank.shape[0])
-        if self.coreset_ratio is not None and self.coreset_ratio < 1.0:
-            n_keep = max(1, int(round(self.coreset_ratio * n_all)))
-            keep = greedy_coreset(bank, n_keep, seed=self.seed)
-            bank = bank[keep].contiguous()
+        n_keep = coreset_size(n_all, self.coreset_ratio)
+        if n_keep < n_all:
+            bank = bank.index_select(0, approximate_greedy_coreset(bank, n_keep, seed=self.seed)).contiguous()
         logger.info("kNN memory bank: %d of %d training patches (D=%d)", bank.shape[0], n_all, bank.shape[1])
         self._set_bank(bank)
+        self.n_train_patches_ = n_all
         return self
 
     def _set_bank(self, bank: torch.Tensor) -> None:
@@ -161,35 +171,56 @@ class KNNScorer:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "bank_"):
-            raise NotFittedError("this KNNScorer is not fitted yet; call fit(features) or load_state_dict() first")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; "
+                                 "call fit(features) or load_state_dict() first")
 
     # ------------------------------------------------------------------ scoring
 
-    def score_patches(self, features: FeaturesLike) -> np.ndarray:
-        """Distance of every patch to its nearest bank feature.
+    def _nearest(self, features: FeaturesLike):
+        """Yield ``(x (n, P, D), distance (n, P), bank index (n, P))`` chunk by chunk."""
+        self._check_fitted()
+        for x in _iter_chunks(as_source(features)):
+            if x.shape[-1] != self.dim_:
+                raise DataError(f"the bank was fitted on D={self.dim_} features, input has D={x.shape[-1]}; "
+                                "score features from the same backbone and layer as the training cache")
+            sqdist, idx = self.index_.search(x.reshape(-1, x.shape[-1]), 1)
+            yield x, sqdist.sqrt().reshape(x.shape[:2]), idx.reshape(x.shape[:2])
+
+    def _score_chunk(self, x: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch scores (n, P) and image scores (n,) of one chunk (module docstring)."""
+        top = dist.argmax(dim=1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        weight = image_score_weights(x[rows, top.to(x.device)], idx[rows, top], self.bank_, self.index_,
+                                     self.reweight_neighbours)
+        return dist, weight.to(dist.device) * dist[rows.to(dist.device), top]
+
+    def score(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores and image scores.
 
         Args:
             features: (n_images, n_patches, dim) tensor or array, or a FeatureSource.
 
         Returns:
-            float32 (n_images, n_patches); higher = more anomalous.
+            ``(patch_scores, image_scores)``: float32 (n_images, n_patches) and
+            (n_images,); higher = more anomalous.
         """
-        self._check_fitted()
-        source = as_source(features)
-        out = []
-        for x in _iter_chunks(source):
-            if x.shape[-1] != self.dim_:
-                raise DataError(f"the kNN bank was fitted on D={self.dim_} features, input has D={x.shape[-1]}; "
-                                "score features from the same backbone and layer as the training cache")
-            sqdist, _ = self.index_.search(x.reshape(-1, x.shape[-1]), 1)
-            out.append(sqdist.sqrt().reshape(x.shape[0], x.shape[1]).cpu().numpy())
-        if not out:
-            return np.empty((0, source.n_patches), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+        patches, images = [], []
+        for x, dist, idx in self._nearest(features):
+            p, i = self._score_chunk(x, dist, idx)
+            patches.append(p.cpu().numpy())
+            images.append(i.cpu().numpy())
+        if not patches:
+            return (np.empty((0, as_source(features).n_patches), dtype=np.float32), np.empty(0, dtype=np.float32))
+        return (np.concatenate(patches).astype(np.float32, copy=False),
+                np.concatenate(images).astype(np.float32, copy=False))
+
+    def score_patches(self, features: FeaturesLike) -> np.ndarray:
+        """Patch scores (the anomaly map before upsampling): float32 (n_images, n_patches)."""
+        return self.score(features)[0]
 
     def score_images(self, features: FeaturesLike) -> np.ndarray:
-        """Image scores, the maximum patch score: float32 (n_images,)."""
-        return self.score_patches(features).max(axis=1)
+        """Image scores: float32 (n_images,)."""
+        return self.score(features)[1]
 
     # ------------------------------------------------------------------ persistence
 
@@ -200,15 +231,17 @@ class KNNScorer:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "KNNScorer":
         """Restore the bank saved by :meth:`state_dict` (onto ``device`` when set)."""
-        self._check_params()
+        self.check_params()
         if set(state) != {"bank"}:
             raise DataError(f"a kNN state holds exactly one tensor 'bank', got keys {sorted(state)}; "
-                            "is this a FUN-AD model rather than a kNN one?")
-        bank = state["bank"]
-        if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or bank.shape[0] == 0:
-            shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
-            raise DataError(f"the kNN bank must be a non-empty (n_bank, dim) tensor, got {shape}")
-        if self.device is not None:
-            bank = bank.to(self.device)
-        self._set_bank(bank)
+                            "is this another method's model?")
+        self._set_bank(_checked_bank(state["bank"], self.device))
         return self
+
+
+def _checked_bank(bank, device) -> torch.Tensor:
+    """``bank`` as a non-empty 2-D tensor on ``device`` (when given), or DataError."""
+    if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or bank.shape[0] == 0:
+        shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        raise DataError(f"the memory bank must be a non-empty (n_bank, dim) tensor, got {shape}")
+    return bank.to(device) if device is not None else bank

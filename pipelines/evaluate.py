@@ -143,8 +143,10 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
 
         masks = store.read_masks(ids)
         start = time.perf_counter()
-        patch_scores = score_cached(model, store, ids, device=dev, batch_size=batch_size, progress=progress)
-        result = measure(patch_scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=dev)
+        patch_scores, image_scores = score_cached(model, store, ids, device=dev, batch_size=batch_size,
+                                                  progress=progress, with_images=True)
+        result = measure(patch_scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=dev,
+                         image_scores=image_scores)
         seconds = time.perf_counter() - start
         image_scores, maps, values = result.image_scores, result.maps, result.metrics
         threshold = values["image_f1_threshold"]

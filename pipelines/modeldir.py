@@ -3,8 +3,9 @@
 Layout (DESIGN.md, "Model directory")::
 
     MODEL_DIR/
-      model.safetensors  weights: the Local-Net state dict (method "funad") or
-                         the kNN bank (method "knn"); non-tensor entries of the
+      model.safetensors  weights: the Local-Net state dict (method "funad"),
+                         the kNN bank (method "knn") or the SoftPatch bank and
+                         its weights (method "softpatch"); non-tensor entries of the
                          state dict go in the safetensors metadata as JSON
       config.json        everything needed to rebuild and audit the model (below)
       train_log.jsonl    one JSON record per epoch (funad only)
@@ -12,10 +13,10 @@ Layout (DESIGN.md, "Model directory")::
 
 ``config.json`` keys::
 
-    method          "funad" | "knn"
+    method          "funad" | "knn" | "softpatch"
     preset          preset name (funad) or null
     config          the full hyperparameters: FunADConfig.to_dict() for funad,
-                    {"coreset_ratio", "seed", "backend"} for knn
+                    the settings of pipelines/baselines.py for knn and softpatch
     seed            the seed of the fit
     cache           {"path", "fingerprint", "attrs", "grid", "n_patches",
                      "feature_dim", "mask_size", "dtype"}; attrs holds the
@@ -61,6 +62,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from .baselines import BASELINES
 from .errors import ModelDirError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-METHODS = ("funad", "knn")
+METHODS = ("funad",) + BASELINES  # every method `funad fit --method` and `funad sweep --methods` accept
 SELECTIONS = ("final", "oracle")
 
 # Store attributes that define what the features mean. A model only applies to
@@ -326,23 +328,19 @@ def read_config(path: PathLike) -> ModelInfo:
 def build_model(method: str, config: dict, device: Optional[torch.device] = None) -> Any:
     """An unfitted estimator for ``method`` built from its ``config.json`` config dict.
 
-    ``device`` places the kNN bank (default: where its training features
-    are); FUN-AD takes its device in ``fit``.
+    ``device`` places a baseline's bank (default: where its training
+    features are); FUN-AD takes its device in ``fit``. The baselines'
+    settings are listed in :mod:`funad.pipelines.baselines`.
     """
     if method == "funad":
         from funad.config import FunADConfig
         from funad.model import FunAD
 
         return FunAD(FunADConfig.from_dict(config))
-    if method == "knn":
-        from funad.knn import KNNScorer
+    if method in BASELINES:
+        from .baselines import build
 
-        return KNNScorer(
-            coreset_ratio=config.get("coreset_ratio"),
-            seed=int(config.get("seed", 0)),
-            backend=config.get("backend", "auto"),
-            device=device,
-        )
+        return build(method, config, device=device)
     raise ModelDirError(f"unknown method {method!r}; expected one of {list(METHODS)}")
 
 

@@ -35,7 +35,7 @@ from .backbone import PRECISIONS
 from .dataset_files import IMAGE_SUFFIXES
 from .device import resolve_device
 from .evaluate import check_report_dir, place_model
-from .scoring import MAP_SIGMA
+from .scoring import MAP_SIGMA, model_scores
 from .model_backbone import backbone_for_model, features
 from .modeldir import ModelInfo, load_model_dir
 from .progress import NullProgress, Progress
@@ -219,10 +219,9 @@ def _score_files(model, bb, images: list[Path], records: list[dict], patch_score
         ok = torch.tensor([not e for e in errors])
         if ok.any():
             ids = idx[ok].numpy()
-            patch_scores[ids] = np.asarray(model.score_patches(features(bb, crops[ok], store_dtype)),
-                                           dtype=np.float32)
-            for i in ids:
-                records[i]["score"] = float(patch_scores[i].max())  # image score = max patch score
+            patch_scores[ids], image_scores = model_scores(model, features(bb, crops[ok], store_dtype))
+            for i, score in zip(ids, image_scores):
+                records[i]["score"] = float(score)  # the model's image score (the max patch score for most)
         task.advance(len(idx))
 
 

@@ -73,29 +73,52 @@ def measure(patch_scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, gri
     return Measured(patch_scores, image_scores, maps, compute_metrics(labels, image_scores, masks, maps))
 
 
-def score_tensor(model, features: torch.Tensor, *, device: torch.device, chunk: int = SCORE_CHUNK) -> np.ndarray:
-    """Patch scores of in-memory features (n, P, D), ``chunk`` images at a time -> (n, P) float32."""
-    return np.concatenate([
-        np.asarray(model.score_patches(features[i:i + chunk].to(device)), dtype=np.float32)
-        for i in range(0, features.shape[0], chunk)
-    ]) if features.shape[0] else np.empty((0, features.shape[1]), dtype=np.float32)
+def model_scores(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(patch scores (n, P), image scores (n,))`` of one batch, float32.
+
+    Models with their own image score (``model.score(x) -> (patches,
+    images)``, e.g. PatchCore's re-weighted kNN) give it; for the others it
+    is the max patch score.
+    """
+    if hasattr(model, "score"):
+        patches, images = model.score(x)
+    else:
+        patches = model.score_patches(x)
+        images = np.asarray(patches).max(axis=1)
+    return np.asarray(patches, dtype=np.float32), np.asarray(images, dtype=np.float32)
+
+
+def score_tensor(model, features: torch.Tensor, *, device: torch.device, chunk: int = SCORE_CHUNK,
+                 with_images: bool = False):
+    """Patch scores of in-memory features (n, P, D), ``chunk`` images at a time -> (n, P) float32.
+
+    With ``with_images``: ``(patch scores, image scores (n,))`` (:func:`model_scores`).
+    """
+    parts = [model_scores(model, features[i:i + chunk].to(device)) for i in range(0, features.shape[0], chunk)]
+    patches = (np.concatenate([p for p, _ in parts]) if parts
+               else np.empty((0, features.shape[1]), dtype=np.float32))
+    if not with_images:
+        return patches
+    return patches, (np.concatenate([i for _, i in parts]) if parts else np.empty(0, dtype=np.float32))
 
 
 def score_cached(model, store, indices: np.ndarray, *, device: torch.device, batch_size: int = SCORE_CHUNK,
-                 progress: Progress = NullProgress()) -> np.ndarray:
+                 progress: Progress = NullProgress(), with_images: bool = False):
     """Patch scores of cached images read from ``store`` in batches.
 
     Args:
         indices: (n,) image indices into the store.
     Returns:
-        (n, P) float32 patch scores, higher = more anomalous.
+        (n, P) float32 patch scores, higher = more anomalous; with
+        ``with_images``, ``(patch scores, image scores (n,))`` (:func:`model_scores`).
     """
     out = np.empty((len(indices), store.n_patches), dtype=np.float32)
+    images = np.empty(len(indices), dtype=np.float32)
     task = progress.task("scoring", total=len(indices), unit="img")
     pos = 0
     for idx, feats in store.iter_features(indices, chunk=batch_size):
         x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device)
-        out[pos:pos + len(idx)] = model.score_patches(x)
+        out[pos:pos + len(idx)], images[pos:pos + len(idx)] = model_scores(model, x)
         pos += len(idx)
         task.advance(len(idx))
-    return out
+    return (out, images) if with_images else out

@@ -25,11 +25,14 @@ def model_config(method: str, preset: Optional[str], *, overrides: dict | tuple 
     """The estimator's full config dict, as config.json["config"] holds it.
 
     FUN-AD: the preset with ``overrides`` (FunADConfig field -> value),
-    ``epochs`` (when given) and ``seed`` applied. Other methods (kNN and
-    friends): ``{"coreset_ratio", "seed", "backend"}``.
+    ``epochs`` (when given) and ``seed`` applied. The baselines (kNN,
+    SoftPatch): their defaults with ``coreset_ratio`` (when given) and
+    ``overrides`` applied (:func:`funad.pipelines.baselines.baseline_config`).
     """
     if method != "funad":
-        return {"coreset_ratio": coreset_ratio, "seed": int(seed), "backend": "auto"}
+        from .baselines import baseline_config
+
+        return baseline_config(method, seed=seed, coreset_ratio=coreset_ratio, overrides=overrides)
     changes = dict(overrides)
     if epochs is not None:
         changes["epochs"] = int(epochs)
@@ -37,8 +40,13 @@ def model_config(method: str, preset: Optional[str], *, overrides: dict | tuple 
     return _preset(preset or DEFAULT_PRESET, **changes).to_dict()
 
 
-def parse_setting(name: str, text: str) -> Any:
-    """``("lambda_", "1")`` -> 1.0, typed like the FunADConfig field; ConfigError names a bad name or value."""
+def parse_setting(name: str, text: str, method: str = "funad") -> Any:
+    """``("lambda_", "1")`` -> 1.0, typed like the FunADConfig field (or the baseline ``method``'s setting);
+    ConfigError names a bad name or value."""
+    if method != "funad":
+        from .baselines import parse_setting as parse_baseline_setting
+
+        return parse_baseline_setting(method, name, text)
     return FunADConfig.parse_value(name, text)
 
 

@@ -123,10 +123,12 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task)
     fit_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores = score_tensor(model, feats.pool.index_select(0, feats.rows(test_ids)), device=device)
+    scores, image_scores = score_tensor(model, feats.pool.index_select(0, feats.rows(test_ids)), device=device,
+                                        with_images=True)
     labels = np.asarray(store.labels)[test_ids].astype(np.int64)
     masks = np.stack([feats.masks[int(i)] for i in test_ids])
-    values = measure(scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=device).metrics
+    values = measure(scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=device,
+                     image_scores=image_scores).metrics
     score_s = time.perf_counter() - start
 
     row: dict = {

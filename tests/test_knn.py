@@ -1,4 +1,4 @@
-"""The PatchCore-style kNN baseline: exact distances, coreset, persistence, errors."""
+"""The PatchCore baseline: exact distances, coreset bank, the re-weighted image score, persistence, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from funad.errors import ConfigError, DataError, NotFittedError
-from funad.knn import KNNScorer, greedy_coreset
+from funad.knn import KNNScorer
 from funad.nn import faiss_available
 
 
@@ -34,21 +34,20 @@ def _data(seed: int = 0, n_train: int = 12, n_test: int = 6, p: int = 9, d: int 
 
 def test_scores_are_exact_nearest_distances():
     train, test = _data()
-    knn = KNNScorer().fit(train)
+    knn = KNNScorer(coreset_ratio=1.0).fit(train)
     expected = torch.cdist(test.reshape(-1, 16).double(), train.reshape(-1, 16).double()).min(dim=1).values
     got = knn.score_patches(test)
     assert got.shape == (6, 9) and got.dtype == np.float32
     np.testing.assert_allclose(got.ravel(), expected.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(knn.score_images(test), got.max(axis=1))
     assert knn.bank_.shape == (12 * 9, 16)
 
 
 def test_planted_outliers_score_highest():
     train, test = _data()
-    scores = KNNScorer().fit(train).score_images(test)
+    scores = KNNScorer(coreset_ratio=1.0).fit(train).score_images(test)
     assert scores[3:].min() > scores[:3].max()
     # A training patch is its own nearest neighbour.
-    assert np.allclose(KNNScorer().fit(train).score_patches(train), 0.0, atol=1e-3)
+    assert np.allclose(KNNScorer(coreset_ratio=1.0).fit(train).score_patches(train), 0.0, atol=1e-3)
 
 
 def test_feature_source_and_numpy_inputs_match_tensor():
@@ -56,33 +55,49 @@ def test_feature_source_and_numpy_inputs_match_tensor():
     source = _Source(train)
     from_source = KNNScorer().fit(source)
     assert source.reads >= 1
-    a = from_source.score_patches(_Source(test))
-    b = KNNScorer().fit(train.numpy()).score_patches(test.numpy())
-    np.testing.assert_array_equal(a, b)
+    a = from_source.score(_Source(test))
+    b = KNNScorer().fit(train.numpy()).score(test.numpy())
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
 
 
-def _naive_greedy(x: torch.Tensor, first: int, n: int) -> list[int]:
-    chosen = [first]
-    while len(chosen) < n:
-        d = torch.cdist(x.double(), x[chosen].double()).min(dim=1).values
-        chosen.append(int(d.argmax()))
-    return chosen
+def _reference_image_score(test: torch.Tensor, bank: torch.Tensor, b: int) -> np.ndarray:
+    """PatchCore Eq. 7 written out directly, one image at a time, in float64."""
+    bank = bank.double()
+    out = []
+    for x in test.double():
+        d = torch.cdist(x, bank)  # (P, n_bank)
+        nn_dist, nn_idx = d.min(dim=1)
+        j = int(nn_dist.argmax())
+        m_star = bank[nn_idx[j]]
+        hood = torch.cdist(m_star[None], bank)[0].argsort()[:b]  # N_b(m*), m* itself first
+        dist = (bank[hood] - x[j]).norm(dim=1)
+        out.append(float((1 - torch.exp(nn_dist[j]) / torch.exp(dist).sum()) * nn_dist[j]))
+    return np.array(out)
 
 
-def test_greedy_coreset_matches_naive_k_center():
-    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(1))
-    sel = greedy_coreset(x, 10, seed=3, projection_dim=None)
-    assert sel.tolist() == _naive_greedy(x, int(sel[0]), 10)
-    assert len(set(sel.tolist())) == 10
+def test_image_score_is_patchcores_reweighted_max():
+    train, test = _data()
+    test = test * 0.3  # distances of a few units, so that the softmax is not saturated
+    knn = KNNScorer(coreset_ratio=1.0, reweight_neighbours=4).fit(train * 0.3)
+    patches, images = knn.score(test)
+    np.testing.assert_allclose(images, _reference_image_score(test, knn.bank_, 4), rtol=1e-4)
+    assert np.all(images < patches.max(axis=1)) and np.all(images > 0)
+    plain = KNNScorer(coreset_ratio=1.0, reweight_neighbours=1).fit(train * 0.3)
+    np.testing.assert_array_equal(plain.score_images(test), plain.score_patches(test).max(axis=1))
 
 
-def test_greedy_coreset_picks_the_far_points_first():
-    x = torch.zeros(50, 4)
-    x[:, 0] = torch.linspace(0, 1, 50)
-    x[7] = torch.tensor([100.0, 0, 0, 0])
-    x[21] = torch.tensor([0.0, -100.0, 0, 0])
-    sel = greedy_coreset(x, 3, seed=0, projection_dim=None).tolist()
-    assert {7, 21} <= set(sel)
+def test_reweighting_raises_matches_to_an_isolated_bank_feature():
+    # Bank: a tight blob plus one isolated feature. A test patch equally far from its nearest bank feature
+    # scores higher when that feature is the isolated one (its neighbourhood lies far from the patch).
+    g = torch.Generator().manual_seed(0)
+    blob = 0.05 * torch.randn(1, 40, 8, generator=g)
+    lone = torch.zeros(1, 1, 8)
+    lone[0, 0, 0] = 10.0
+    knn = KNNScorer(coreset_ratio=1.0, reweight_neighbours=5).fit(torch.cat([blob, lone], dim=1))
+    near_lone, near_blob = torch.zeros(1, 1, 8), torch.zeros(1, 1, 8)
+    near_lone[0, 0, 0], near_blob[0, 0, 0] = 11.0, -1.0
+    assert knn.score_images(near_lone)[0] > 1.2 * knn.score_images(near_blob)[0]
 
 
 def test_coreset_ratio_is_deterministic_and_sized():
@@ -92,7 +107,7 @@ def test_coreset_ratio_is_deterministic_and_sized():
     assert a.bank_.shape == (round(0.25 * 12 * 9), 200)
     assert torch.equal(a.bank_, b.bank_)
     # A smaller bank can only increase each patch's nearest distance.
-    full = KNNScorer().fit(train).score_patches(test)
+    full = KNNScorer(coreset_ratio=1.0).fit(train).score_patches(test)
     assert np.all(a.score_patches(test) >= full - 1e-4)
 
 
@@ -102,7 +117,8 @@ def test_state_dict_round_trip_gives_identical_scores():
     state = knn.state_dict()
     assert set(state) == {"bank"} and state["bank"].device.type == "cpu"
     loaded = KNNScorer().load_state_dict({"bank": state["bank"].clone()})
-    np.testing.assert_array_equal(loaded.score_patches(test), knn.score_patches(test))
+    np.testing.assert_array_equal(loaded.score(test)[0], knn.score(test)[0])
+    np.testing.assert_array_equal(loaded.score(test)[1], knn.score(test)[1])
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
@@ -122,8 +138,13 @@ def test_errors_are_specific():
     knn = KNNScorer().fit(train)
     with pytest.raises(DataError, match="D=16.*D=8"):
         knn.score_patches(test[..., :8])
-    with pytest.raises(ConfigError, match="coreset_ratio"):
-        KNNScorer(coreset_ratio=0.0).fit(train)
+    for bad in (0.0, 1.5, None):
+        with pytest.raises(ConfigError, match=r"coreset_ratio must lie in \(0, 1\]"):
+            KNNScorer(coreset_ratio=bad).fit(train)
+    with pytest.raises(DataError, match="keeps no patch"):
+        KNNScorer(coreset_ratio=0.001).fit(train)  # 108 patches
+    with pytest.raises(ConfigError, match="reweight_neighbours"):
+        KNNScorer(reweight_neighbours=0).fit(train)
     with pytest.raises(ConfigError, match="backend"):
         KNNScorer(backend="annoy").fit(train)
     with pytest.raises(DataError, match="no training images"):
