@@ -94,6 +94,13 @@ class HDF5Backend:
     def has_array(self, name: str) -> bool:
         return name in self._f
 
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``start:stop`` of ``name`` into ``out`` (no intermediate copy)."""
+        self.array(name).read_direct(out, source_sel=np.s_[start:stop])
+
+    def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        self.array(name)[start : start + len(rows)] = rows
+
     def chunk_location(self, name: str, i: int) -> str:
         """Where image ``i`` of ``name`` lives: a row of a dataset inside the one file."""
         return f"(row {i} of dataset {name!r} in {self.path})"

@@ -8,7 +8,7 @@ returns the fill value, zeros) or damaged is reported instead of being used.
 
 The checksum is a position-weighted 64-bit sum, not a CRC: zlib.crc32 runs at
 about 2.5 GB/s here, as fast as reading the data itself from the page cache,
-while this runs at memory speed. Every 4 KiB block is summed as 64-bit words
+while this runs at memory speed. Every 64 KiB block is summed as 64-bit words
 (wrapping), and the block sums are combined with distinct odd weights, so any
 change of one word, a zeroed or truncated chunk, and blocks in the wrong order
 are all detected. It is an integrity check against accidents, not against
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK_BYTES = 4096
+BLOCK_BYTES = 1 << 16  # 64 KiB: fewer, longer sums than 4 KiB blocks, about a quarter faster
 _WORDS = BLOCK_BYTES // 8
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -39,8 +39,8 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     parts = []
     if full:
         parts.append(raw[:, :full].view(np.uint64).reshape(n, -1, _WORDS).sum(axis=2, dtype=np.uint64))
-    if size > full:
-        tail = np.zeros((n, BLOCK_BYTES), np.uint8)
+    if size > full:  # the last, shorter block, zero-padded to whole words
+        tail = np.zeros((n, -(-(size - full) // 8) * 8), np.uint8)
         tail[:, : size - full] = raw[:, full:]
         parts.append(tail.view(np.uint64).sum(axis=1, dtype=np.uint64)[:, None])
     blocks = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -63,11 +63,11 @@ class StoreReading:
         problems: dict[int, str] = {}
         for start, stop, pos in L.runs(uniq):
             try:
-                buf[pos] = arr[start:stop]
+                self._b.read_rows(name, start, stop, buf[pos])
             except Exception:  # a damaged chunk: find which, one image at a time
                 for k, i in zip(range(pos.start, pos.stop), range(start, stop)):
                     try:
-                        buf[k] = arr[i : i + 1][0]
+                        self._b.read_rows(name, i, i + 1, buf[k : k + 1])
                     except Exception as exc:
                         problems[i] = (f"its {name} chunk {self._b.chunk_location(name, i)} cannot be read "
                                        f"({type(exc).__name__}: {str(exc)[:200]})")

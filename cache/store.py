@@ -141,8 +141,9 @@ class FeatureStore(StoreReading, StoreWriting):
             status = np.asarray(self._b.array(L.STATUS)[:])
         else:
             valid = int(self._b.array(L.SNAPSHOT_VALID)[0])
-            name = L.RECORDS_SNAPSHOT if valid == 1 else L.RECORDS
-            self._records = np.asarray(self._b.array(name)[:], dtype=np.uint64)  # kept in step with our writes
+            # kept in step with this object's writes
+            self._records = (np.asarray(self._b.array(L.RECORDS_SNAPSHOT)[:], dtype=np.uint64) if valid == 1
+                             else self._read_records_per_image())
             status = self._records[:, 0]
         bad = ~np.isin(status, list(L.STATUS_NAMES))
         if bad.any():
@@ -151,7 +152,9 @@ class FeatureStore(StoreReading, StoreWriting):
             self._status_v1 = status.astype(np.int8)
 
     def _read_records_per_image(self) -> np.ndarray:
-        return np.asarray(self._b.array(L.RECORDS)[:], dtype=np.uint64)
+        out = np.empty((self._n, len(L.RECORD_COLUMNS)), np.uint64)
+        self._b.read_rows(L.RECORDS, 0, self._n, out)
+        return out
 
     @property
     def _status(self) -> np.ndarray:

@@ -23,6 +23,14 @@ from .integrity import row_checksums
 log = logging.getLogger(__name__)
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    """``np.isfinite(values).all()``, without float16 arithmetic (slow in numpy): a float16 is
+    inf or NaN exactly when its five exponent bits are all set."""
+    if values.dtype == np.float16:
+        return not np.any(np.ascontiguousarray(values).view(np.uint16) & 0x7C00 == 0x7C00)
+    return bool(np.isfinite(values).all())
+
+
 class StoreWriting:
     """The writing half of :class:`funad.cache.FeatureStore` (a mixin; it uses the store's fields)."""
 
@@ -42,9 +50,8 @@ class StoreWriting:
         """Write ``rows (n, len(RECORD_COLUMNS))`` as the records of images ``idx`` (data flushed first)."""
         self._b.flush()
         order = np.argsort(idx, kind="stable")
-        arr = self._b.array(L.RECORDS)
-        for start, stop, pos in L.runs(idx[order]):
-            arr[start:stop] = rows[order[pos]]
+        for start, _, pos in L.runs(idx[order]):
+            self._b.write_rows(L.RECORDS, start, rows[order[pos]])
         self._b.flush()
         self._records[idx] = rows
 
@@ -79,7 +86,7 @@ class StoreWriting:
                 raise CacheMismatchError(f"{name} has dtype {arr.dtype}; expected floating point tokens")
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with advice
                 out = arr.astype(dtype, copy=False)
-            if not np.isfinite(out).all():
+            if not _all_finite(out):
                 biggest = float(np.nanmax(np.abs(arr[np.isfinite(arr)]))) if np.isfinite(arr).any() else float("nan")
                 raise CacheMismatchError(
                     f"{name} has non-finite values as {dtype} (NaN/inf in the input, or values beyond "
@@ -155,9 +162,8 @@ class StoreWriting:
         rows = self._pending_rows(n)
         rows[:, 0] = L.COMPLETE
         for name, values in data.items():
-            arr = self._b.array(name)
-            for start, stop, pos in L.runs(idx[order]):
-                arr[start:stop] = values[order[pos]]
+            for start, _, pos in L.runs(idx[order]):
+                self._b.write_rows(name, start, values[order[pos]])
             rows[:, L.RECORD_COLUMNS.index(name)] = row_checksums(values)
         self._write_records(idx, rows)
 

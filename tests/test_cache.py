@@ -356,19 +356,25 @@ def test_cache_info_cli_errors_cleanly(tmp_path):
 
 # -- checksums: damage cannot go unnoticed --------------------------------------------------------
 def test_row_checksums_see_every_kind_of_damage():
-    rows = np.random.default_rng(0).normal(size=(3, 40, 100)).astype(np.float16)  # 8000 B: a block and a tail
+    from funad.cache.integrity import BLOCK_BYTES
+
+    rows = np.random.default_rng(0).normal(size=(3, BLOCK_BYTES // 2 + 99)).astype(np.float16)  # a block + a tail
     ref = cache.row_checksums(rows)
     assert ref.dtype == np.uint64 and len(set(ref.tolist())) == 3
     flipped = rows.copy()
-    flipped.reshape(3, -1).view(np.uint8)[1, 5000] ^= 1  # one bit in the tail
+    flipped.reshape(3, -1).view(np.uint8)[1, BLOCK_BYTES + 150] ^= 1  # one bit in the tail
     zeroed = rows.copy()
     zeroed[2] = 0
     assert (cache.row_checksums(flipped) != ref).tolist() == [False, True, False]
     assert (cache.row_checksums(zeroed) != ref).tolist() == [False, False, True]
-    blocks = np.random.default_rng(1).integers(0, 256, size=(1, 2 * 4096), dtype=np.uint8)
-    reordered = np.concatenate([blocks[:, 4096:], blocks[:, :4096]], axis=1)  # same words, blocks swapped
+    blocks = np.random.default_rng(1).integers(0, 256, size=(1, 2 * BLOCK_BYTES), dtype=np.uint8)
+    reordered = np.concatenate([blocks[:, BLOCK_BYTES:], blocks[:, :BLOCK_BYTES]], axis=1)  # blocks swapped
     assert cache.row_checksums(blocks)[0] != cache.row_checksums(reordered)[0]
     np.testing.assert_array_equal(cache.row_checksums(rows[1:2]), ref[1:2])  # a row's checksum is its own
+    small = np.arange(12, dtype=np.uint8).reshape(2, 6)  # rows shorter than a word
+    changed = small.copy()
+    changed[0, 5] = 99
+    assert (cache.row_checksums(changed) != cache.row_checksums(small)).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -378,12 +384,12 @@ def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
         original = store.read_features(np.arange(store.n_images))
         p = store.n_patches * store.token_dim
     if name.endswith(".zarr"):
-        (path / "patch_tokens/c/2/0/0").unlink()  # zarr would read the fill value, zeros
-        chunk = path / "class_tokens/c/4/0"
+        (path / "patch_tokens/c.2.0.0").unlink()  # zarr would read the fill value, zeros
+        chunk = path / "class_tokens/c.4.0"
         raw = bytearray(chunk.read_bytes())
         raw[3] ^= 0x40
         chunk.write_bytes(bytes(raw))
-        where_2, where_4 = "patch_tokens/c/2/0/0 is missing", "class_tokens/c/4/0 does not match its checksum"
+        where_2, where_4 = "patch_tokens/c.2.0.0 is missing", "class_tokens/c.4.0 does not match its checksum"
     else:
         import h5py
 
@@ -405,10 +411,10 @@ def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
 
 def test_an_undecodable_compressed_chunk_is_reported(tiny_store):
     path = tiny_store("t.zarr")
-    chunk = path / "previews/c/3/0/0/0"  # zstd-compressed
+    chunk = path / "previews/c.3.0.0.0"  # zstd-compressed
     chunk.write_bytes(chunk.read_bytes()[:-6])
     with cache.open(path) as store:
-        with pytest.raises(cache.CorruptCacheError, match=r"image 3 .*previews/c/3/0/0/0 cannot be read"):
+        with pytest.raises(cache.CorruptCacheError, match=r"image 3 .*previews/c\.3\.0\.0\.0 cannot be read"):
             store.read_previews([2, 3])
         assert [d["index"] for d in store.verify()] == [3]
         store.read_features([3])  # the features of that image are fine
@@ -418,8 +424,8 @@ def test_cache_verify_cli_lists_damaged_images(tiny_store):
     path = tiny_store("t.zarr")
     ok = CliRunner().invoke(cache_cli, ["verify", str(path)])
     assert ok.exit_code == 0 and "all 10 complete images match their checksums" in ok.output
-    (path / "patch_tokens/c/1/0/0").unlink()
-    (path / "patch_tokens/c/6/0/0").unlink()
+    (path / "patch_tokens/c.1.0.0").unlink()
+    (path / "patch_tokens/c.6.0.0").unlink()
     res = CliRunner().invoke(cache_cli, ["verify", str(path)])
     assert res.exit_code == 1 and "2 of 10 complete images are damaged" in res.output, res.output
     assert "1  train/good/001.png" in res.output and "6  test/good/000.png" in res.output
@@ -447,7 +453,7 @@ def test_records_snapshot_is_refreshed_by_the_lock_holder(tmp_path):
         assert int(store._b.array("records_snapshot_valid")[0]) == 1
         np.testing.assert_array_equal(store._b.array("records_snapshot")[:], store._b.array("records")[:])
         assert store.status.tolist() == [0, 1, 0, 1]
-    assert sorted(os.listdir(path / "records/c")) == ["1", "3"]  # one file per written image
+    assert sorted(f for f in os.listdir(path / "records") if f != "zarr.json") == ["c.1.0", "c.3.0"]  # one per image
 
 
 # -- the writer lock ---------------------------------------------------------------------------

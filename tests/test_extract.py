@@ -176,8 +176,8 @@ def test_extract_redoes_exactly_the_damaged_images(tmp_path, bb):
         idx = np.arange(store.n_images)
         before = store.read_features(idx)
         tokens_2 = store.read_patch_tokens([2])
-    (out / "patch_tokens/c/2/0/0").unlink()
-    mask = out / "masks/c/3/0/0"  # test/crack/000.png has a mask
+    (out / "patch_tokens/c.2.0.0").unlink()
+    mask = out / "masks/c.3.0.0"  # test/crack/000.png has a mask
     mask.write_bytes(mask.read_bytes()[:-4])
     res = CliRunner().invoke(cache_cli, ["verify", str(out)])
     assert res.exit_code == 1 and "2 of 6 complete images are damaged" in res.output

@@ -1,0 +1,232 @@
+"""Feature store throughput against the disk's: is the store ever what limits an extraction?
+
+In one run, on the disk that holds ``--dir``:
+
+1. raw sequential bandwidth: one plain file of the same size as the store's
+   tokens, written in image-sized blocks (then fsync) and read back cold;
+2. the store (zarr and HDF5) for ``P x C`` float16 patch tokens (default
+   784 x 768, ViT-B/8 at 224 px, and 784 x 384, ViT-S/14 at 392 px): write with
+   1, 2 and 4 writers (zarr: processes writing disjoint images, as torchrun
+   ranks do; HDF5: threads in one process, as it takes one writer process),
+   including the final flush to disk, then read ``read_features`` cold;
+3. the cost of the per-read checksum check: the same reads from the page
+   cache (the worst case for the check's share), with and without it.
+
+"Cold" reads drop the files from the page cache first (posix_fadvise
+DONTNEED), so they come from the disk. Prints a markdown report with the
+machine, every figure, ratios to raw, and the images/s an extraction could
+reach before the store is the limit (best write rate for the largest tokens).
+
+    python benchmarks/bench_store.py --dir /path/on/the/disk            # full run, ~2.4 GB per size
+    python benchmarks/bench_store.py --images 16 --sizes 16x32 --writers 1 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import zarr
+
+from funad import cache
+
+BATCH = 16  # images per write_batch, as extract's writer gets them on a GPU (64) or CPU (8)
+
+
+def machine(where: Path) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        fs = subprocess.run(["df", "-T", str(where)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+        disk = f"{fs[0]} ({fs[1]})"
+    except (OSError, IndexError):
+        disk = "?"
+    return (f"{cpu}, {os.cpu_count()} logical cores, {mem:.0f} GiB RAM; {where} on {disk}; Python "
+            f"{platform.python_version()}, numpy {np.__version__}, zarr {zarr.__version__}, h5py {h5py.__version__}")
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to forget the cached pages of every file under ``path`` (no root needed)."""
+    files = [path] if path.is_file() else [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (part of the write time: the data is on the disk afterwards)."""
+    files = [path] if path.is_file() else [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def tokens(p: int, c: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(BATCH, p, c)).astype(np.float16)
+
+
+# --------------------------------------------------------------------------- raw files
+
+
+def raw_bandwidth(where: Path, n: int, image_bytes: int) -> tuple[float, float]:
+    """(write, read) bytes/s of one sequential file of n image-sized blocks."""
+    block = np.random.default_rng(0).integers(0, 256, image_bytes, dtype=np.uint8).tobytes()
+    path = where / "raw.bin"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        for _ in range(n):
+            fh.write(block)
+        os.fsync(fh.fileno())
+    write = n * image_bytes / (time.perf_counter() - start)
+    drop_from_page_cache(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(bytearray(image_bytes)):
+            pass
+    read = n * image_bytes / (time.perf_counter() - start)
+    path.unlink()
+    return write, read
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _samples(n: int) -> list[dict]:
+    return [{"path": f"{i:07d}.png", "split": "train", "label": 0, "defect_type": "good"} for i in range(n)]
+
+
+def _write_share(store, rank: int, world: int, p: int, c: int) -> None:
+    """Write images rank, rank + world, ... in batches."""
+    data = tokens(p, c)
+    mine = np.arange(rank, store.n_images, world)
+    for s in range(0, mine.size, BATCH):
+        idx = mine[s : s + BATCH]
+        store.write_batch(idx, patch_tokens=data[: idx.size], class_tokens=data[: idx.size, 0])
+
+
+def _writer_process(path: str, rank: int, world: int, p: int, c: int) -> None:
+    """A zarr writer process: joins the run whose lock the parent holds, as a torchrun rank does."""
+    with cache.open(path, "a", lock=False) as store:
+        _write_share(store, rank, world, p, c)
+
+
+def store_write(path: Path, fmt: str, n: int, p: int, c: int, writers: int) -> float:
+    """Seconds to create a store, write n images with ``writers`` writers, close it and sync it."""
+    start = time.perf_counter()
+    store = cache.create(path, samples=_samples(n), grid=(p, 1), token_dim=c, mask_size=(1, 1),
+                         preview_size=None, format=fmt)
+    if fmt == "zarr":
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=_writer_process, args=(str(path), r, writers, p, c)) for r in range(writers)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+            if proc.exitcode:
+                raise SystemExit(f"a writer process failed (exit code {proc.exitcode})")
+    else:
+        threads = [threading.Thread(target=_write_share, args=(store, r, writers, p, c)) for r in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    store.close()  # refreshes the records snapshot
+    sync_tree(path)
+    return time.perf_counter() - start
+
+
+def store_read(path: Path, checked: bool = True) -> float:
+    """Seconds to read every image's features in chunks of 64 (``checked=False``: the same rows
+    straight from the backend, without the checksum comparison)."""
+    start = time.perf_counter()
+    with cache.open(path) as store:
+        for s in range(0, store.n_images, 64):
+            idx = np.arange(s, min(s + 64, store.n_images))
+            if checked:
+                store.read_patch_tokens(idx)
+                store.read_class_tokens(idx)
+            else:  # the backend's row reads that read_* use, minus the status and checksum checks
+                for name, shape in (("patch_tokens", (store.n_patches, store.token_dim)), ("class_tokens",
+                                                                                         (store.token_dim,))):
+                    store._b.read_rows(name, int(idx[0]), int(idx[-1]) + 1, np.empty((idx.size, *shape), store.dtype))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    ap.add_argument("--images", type=int, default=2000, help="images per store (2000 x 784 x 768 x 2 B = 2.4 GB)")
+    ap.add_argument("--sizes", nargs="+", default=["784x768", "784x384"], help="P x C of the patch tokens")
+    ap.add_argument("--writers", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--formats", nargs="+", default=["zarr", "hdf5"], choices=["zarr", "hdf5"])
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="funad-bench-store-", dir=args.dir))
+    n = args.images
+    print(f"# Feature store throughput\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n")
+    print(f"Machine: {machine(base)}\n")
+    print(f"{n} images per store, written in batches of {BATCH}, read in chunks of 64; MB = 10^6 bytes.\n")
+    best_rate = None
+    try:
+        for size in args.sizes:
+            p, c = (int(v) for v in size.split("x"))
+            image_bytes = (p + 1) * c * 2  # patch tokens plus the class token, float16
+            raw_w, raw_r = raw_bandwidth(base, n, image_bytes)
+            print(f"## {p} x {c} float16 tokens ({image_bytes / 1e6:.2f} MB per image)\n")
+            print(f"Raw sequential file: write {raw_w / 1e6:.0f} MB/s, read {raw_r / 1e6:.0f} MB/s (cold).\n")
+            print("| format | writers | write MB/s | write img/s | write / raw | cold read MB/s | read / raw |")
+            print("|---|---|---|---|---|---|---|")
+            cost = {}
+            for fmt in args.formats:
+                for w in args.writers:
+                    path = base / ("s.zarr" if fmt == "zarr" else "s.h5")
+                    secs = store_write(path, fmt, n, p, c, w)
+                    drop_from_page_cache(path)
+                    rsecs = store_read(path)
+                    wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
+                    print(f"| {fmt} | {w} {'process' if fmt == 'zarr' else 'thread'}{'es' if fmt == 'zarr' and w > 1 else 's' if w > 1 else ''} | {wr / 1e6:.0f} | "
+                          f"{n / secs:.0f} | {wr / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
+                    if size == args.sizes[0]:
+                        best_rate = max(best_rate or 0.0, n / secs)
+                    if w == args.writers[-1]:  # page-cache reads, with and without the checksum check
+                        store_read(path)  # warm the cache
+                        cost[fmt] = (store_read(path, checked=False), store_read(path, checked=True))
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print()
+            for fmt, (plain, checked) in cost.items():
+                print(f"Checksum check, {fmt}, reads from the page cache: {n * image_bytes / plain / 1e6:.0f} MB/s "
+                      f"without, {n * image_bytes / checked / 1e6:.0f} MB/s with: {100 * (checked / plain - 1):+.1f}% "
+                      "read time.")
+            print()
+        if best_rate is not None:
+            print(f"**An extraction of {args.sizes[0]} tokens can reach about {best_rate:.0f} images/s before "
+                  f"the store (best writer count above) is the limit.**")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
