@@ -218,7 +218,7 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
     Returns ``(state to save, per-epoch records, oracle record or None)``.
     """
     train_ids = np.asarray(split["train_ids"], dtype=np.int64)
-    epochs = int(config["epochs"])
+    epochs = model.config.epochs_for(len(train_ids))  # fewer than config["epochs"] when max_iterations caps them
     done = checkpoint_epoch(checkpoint)
     if checkpoint is not None:
         modeldir.truncate_log(model_dir, done)
