@@ -112,10 +112,13 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("--keep-checkpoint", is_flag=True,
               help="Keep checkpoint.pt (training state, for --resume) beside the finished model; it is removed "
                    "otherwise. Only a kept checkpoint lets --resume --epochs N train a finished model on.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Diagnostic: every N epochs, log the TEST image/pixel AUROC and AUPRO in train_log.jsonl to see "
+                   "where training saturates. Uses test labels; selects nothing (the final epoch is kept).")
 @user_errors
 def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
-        select: str, resume: bool, overwrite: bool, keep_checkpoint: bool) -> None:
+        select: str, resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
     \b
@@ -146,7 +149,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
                    coreset_ratio=options["coreset_ratio"], select=options["select"])
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
-                         overwrite=overwrite, keep_checkpoint=keep_checkpoint, progress=progress)
+                         overwrite=overwrite, keep_checkpoint=keep_checkpoint, eval_every=eval_every,
+                         progress=progress)
     split = result.config["contamination"]
     console.print(
         f"[green]model written to {model_dir}[/] ({spec.method}"

@@ -135,7 +135,7 @@ class FunAD:
                 after its epoch and matches an uninterrupted run on the CPU.
             on_checkpoint: called with a state dict (net, optimizer, RNG
                 states, epoch, config) every ``checkpoint_every`` epochs and
-                after the last one.
+                after the last one, before that epoch's ``callback``.
             nn_backend: bank search back-end of :class:`funad.nn.NNIndex`.
 
         The bank is rebuilt at the first step of every epoch and then every
@@ -208,10 +208,12 @@ class FunAD:
                 raise DivergedError(f"the training loss became {record['loss']} in epoch {epoch + 1}; "
                                     f"lower lr (now {cfg.lr}) or check the features for NaN or inf values")
             logger.debug("epoch %d: %s", epoch + 1, record)
-            if callback is not None:
-                callback(record)
+            # The checkpoint comes first so that a caller can measure this epoch's
+            # weights before the record is logged.
             if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
                 on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
+            if callback is not None:
+                callback(record)
 
         self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
         return self

@@ -31,7 +31,7 @@ from .device import resolve_device
 from .errors import PipelineError
 from .features import RESIDENCIES, make_source
 from .fit_data import cache_record, check_complete, check_trainable, diagnostics_for, split_cache
-from .oracle import ORACLE_WARNING, OracleSelector
+from .oracle import ORACLE_WARNING, LearningCurve, OracleSelector
 from .progress import NullProgress, Progress
 from .settings import DEFAULT_PRESET, PRESETS, model_config
 
@@ -98,8 +98,9 @@ class FitResult:
 class _EpochLogger:
     """The estimator's per-epoch callback: append to train_log.jsonl and drive the bar (losses, it/s)."""
 
-    def __init__(self, model_dir: Optional[Path], task, n_iter_per_epoch: int, first_epoch: int) -> None:
-        self.model_dir, self.task, self.n_iter = model_dir, task, n_iter_per_epoch
+    def __init__(self, model_dir: Optional[Path], task, n_iter_per_epoch: int, first_epoch: int,
+                 curve: Optional[LearningCurve] = None) -> None:
+        self.model_dir, self.task, self.n_iter, self.curve = model_dir, task, n_iter_per_epoch, curve
         self.records: list[dict] = []
         self.epoch = first_epoch
         self._last = time.perf_counter()
@@ -110,6 +111,8 @@ class _EpochLogger:
         self.epoch = int(record.get("epoch", self.epoch + 1))
         record.setdefault("epoch", self.epoch)
         record.setdefault("wall_s", now - self._last)
+        if self.curve is not None:
+            record.update(self.curve.pop(self.epoch))
         if self.model_dir is not None:
             modeldir.append_log(self.model_dir, record)
         self.records.append(record)
@@ -127,7 +130,8 @@ class _EpochLogger:
 
 def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto", resident: str = "auto",
         resume: bool = False, overwrite: bool = False, checkpoint_seconds: float = 30.0,
-        keep_checkpoint: bool = False, progress: Progress = NullProgress()) -> FitResult:
+        keep_checkpoint: bool = False, eval_every: Optional[int] = None,
+        progress: Progress = NullProgress()) -> FitResult:
     """Fit ``spec`` on the cache at ``cache_path`` and write ``model_dir``.
 
     Args:
@@ -145,6 +149,9 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             3 x (D*D + 1024*D) floats, 28 MB at D = 768.
         keep_checkpoint: keep checkpoint.pt beside the finished model (it is
             removed otherwise; only a kept one lets ``resume`` extend the fit).
+        eval_every: a diagnostic: every this many epochs (and at the last),
+            measure the test split and add its AUROCs and AUPRO to the
+            epoch's train_log.jsonl record. Uses test labels; never selects anything.
     Returns:
         A :class:`FitResult`; the model directory is complete when it returns.
     """
@@ -152,6 +159,9 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         raise PipelineError(f"--resident must be one of {list(RESIDENCIES)}, got {resident!r}")
     if resume and overwrite:
         raise PipelineError("--resume and --overwrite contradict each other; pass one of them")
+    if eval_every is not None and (eval_every < 1 or spec.method != "funad"):
+        raise PipelineError(f"--eval-every takes a number of epochs >= 1 and applies to --method funad only "
+                            f"(got {eval_every} with --method {spec.method})")
     dev = resolve_device(device)
     model_dir = Path(model_dir)
     config_dict = spec.model_config()
@@ -191,7 +201,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         if spec.method == "funad":
             state, log, oracle_record = _fit_funad(model, store, source, split, config_dict, model_dir, checkpoint,
                                                    dev, spec.select == "oracle", checkpoint_seconds,
-                                                   keep_checkpoint, progress)
+                                                   keep_checkpoint, eval_every, progress)
         else:
             model.fit(source)
             state = model.state_dict()
@@ -212,8 +222,9 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
 
 def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path, checkpoint: Optional[dict],
                dev: torch.device, oracle: bool, checkpoint_seconds: float, keep_checkpoint: bool,
-               progress: Progress) -> tuple[dict, list, Optional[dict]]:
-    """Run ``FunAD.fit`` with logging, checkpoints (also on Ctrl-C) and, optionally, oracle selection.
+               eval_every: Optional[int], progress: Progress) -> tuple[dict, list, Optional[dict]]:
+    """Run ``FunAD.fit`` with logging, checkpoints (also on Ctrl-C) and, optionally, oracle selection
+    and a learning curve on the test split.
 
     Returns ``(state to save, per-epoch records, oracle record or None)``.
     """
@@ -232,10 +243,19 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
         if checkpoint is not None:
             logger.warning("--select oracle after --resume only compares the epochs from %d on", done + 1)
         selector = OracleSelector(config, store, np.asarray(split["test_ids"], dtype=np.int64), dev)
+    curve = None
+    if eval_every is not None:
+        if not split["labelled"] or not split["test_ids"]:
+            raise PipelineError(f"--eval-every needs labelled test images, and cache {store.path} has none")
+        logger.warning("--eval-every: test metrics are logged every %d epochs as a diagnostic (they use test "
+                       "labels and select nothing; the final epoch is kept)", eval_every)
+        curve = LearningCurve(config, store, np.asarray(split["test_ids"], dtype=np.int64), dev, eval_every, epochs)
     task = progress.task("fit epoch", total=epochs, unit="epoch")
     task.advance(done)
-    callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done)
-    checkpointer = Checkpointer(model_dir, checkpoint_seconds, also=selector)
+    callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done, curve)
+    also = [c for c in (selector, curve) if c is not None]
+    checkpointer = Checkpointer(model_dir, checkpoint_seconds,
+                                also=(lambda state: [c(state) for c in also]) if also else None)
     diagnostics = diagnostics_for(store, train_ids) if split["labelled"] else None
     try:
         model.fit(source, device=dev, callback=callback, diagnostics=diagnostics, checkpoint=checkpoint,

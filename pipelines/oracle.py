@@ -22,13 +22,12 @@ ORACLE_WARNING = (
 )
 
 
-class OracleSelector:
-    """Called with each epoch's checkpoint state; keeps the state with the best mean of image and pixel AUROC.
+class TestScorer:
+    """Measures an epoch's weights on the test split exactly as ``funad eval`` does (uses TEST labels).
 
-    It builds a scoring copy of the model from ``state["net"]``, scores the
-    test images and measures them exactly as ``funad eval`` does
-    (:func:`funad.pipelines.scoring.measure`, same map sigma). Ties keep the
-    earlier epoch, as the reference code's ``>`` does.
+    Called with a checkpoint state, it builds a scoring copy of the model from
+    ``state["net"]``, scores the test images and returns the metrics of
+    :func:`funad.pipelines.scoring.measure` (same map sigma).
     """
 
     def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device) -> None:
@@ -36,14 +35,30 @@ class OracleSelector:
         self.labels = np.asarray(store.labels)[test_ids].astype(np.int64)
         self.masks = store.read_masks(test_ids)
         self.features = load_features(store, test_ids, device=device)
+
+    def model(self, state: dict):
+        weights = {"dim": int(state["dim"]), "n_patches": int(state["n_patches"]), "net": state["net"]}
+        return modeldir.build_model("funad", self.config).load_state_dict(weights, device=self.device)
+
+    def metrics(self, model) -> dict:
+        scores = score_tensor(model, self.features, device=self.device)
+        return measure(scores, self.labels, self.masks, self.grid, sigma=MAP_SIGMA, device=self.device).metrics
+
+
+class OracleSelector(TestScorer):
+    """Called with each epoch's checkpoint state; keeps the state with the best mean of image and pixel AUROC.
+
+    Ties keep the earlier epoch, as the reference code's ``>`` does.
+    """
+
+    def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device) -> None:
+        super().__init__(config, store, test_ids, device)
         self.best: Optional[dict] = None
         self.curve: list[dict] = []
 
     def __call__(self, state: dict) -> None:
-        weights = {"dim": int(state["dim"]), "n_patches": int(state["n_patches"]), "net": state["net"]}
-        model = modeldir.build_model("funad", self.config).load_state_dict(weights, device=self.device)
-        scores = score_tensor(model, self.features, device=self.device)
-        values = measure(scores, self.labels, self.masks, self.grid, sigma=MAP_SIGMA, device=self.device).metrics
+        model = self.model(state)
+        values = self.metrics(model)
         image, pixel = values["image_auroc"], values["pixel_auroc"]
         point = {"epoch": int(state["epoch"]), "image_auroc": image, "pixel_auroc": pixel,
                  "mean": float(np.nanmean([image, pixel]))}
@@ -54,3 +69,33 @@ class OracleSelector:
     def record(self) -> Optional[dict]:
         """config.json["oracle"] without the warning: the chosen epoch, its AUROCs and the whole curve."""
         return None if self.best is None else {**self.best["point"], "curve": self.curve}
+
+
+LEARNING_CURVE_NOTE = "diagnostic on TEST labels; never used to select epochs, thresholds or settings"
+
+
+class LearningCurve(TestScorer):
+    """``--eval-every N``: test metrics every N epochs, added to that epoch's training-log record.
+
+    A diagnostic that shows where training saturates. It never changes the
+    fit: the final epoch is kept whatever the curve says. The values land in
+    ``train_log.jsonl`` under ``test_image_auroc``, ``test_pixel_auroc`` and
+    ``test_aupro``, with ``test_metrics_note`` saying that they use test labels.
+    """
+
+    def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device, every: int,
+                 last_epoch: int) -> None:
+        super().__init__(config, store, test_ids, device)
+        self.every, self.last_epoch = every, last_epoch
+        self.points: dict[int, dict] = {}
+
+    def __call__(self, state: dict) -> None:
+        epoch = int(state["epoch"])
+        if epoch % self.every == 0 or epoch == self.last_epoch:
+            values = self.metrics(self.model(state))
+            self.points[epoch] = {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
+                                  "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
+
+    def pop(self, epoch: int) -> dict:
+        """The metrics of ``epoch`` (empty when it was not measured)."""
+        return self.points.pop(epoch, {})

@@ -375,6 +375,30 @@ def test_oracle_selection_is_labelled(store_path, tmp_path):
     assert res.exit_code != 0 and "--select oracle" in res.output
 
 
+def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_path):
+    plain, curve = tmp_path / "plain", tmp_path / "curve"
+    assert run([store_path, "-o", plain, *FAST, "--epochs", "3"]).exit_code == 0
+    res = run([store_path, "-o", curve, *FAST, "--epochs", "3", "--eval-every", "2"])
+    assert res.exit_code == 0, res.output
+    log = modeldir.read_log(curve)
+    measured = [r["epoch"] for r in log if "test_image_auroc" in r]
+    assert measured == [2, 3]  # every 2 epochs, and the last
+    assert all("TEST labels" in r["test_metrics_note"] for r in log if "test_image_auroc" in r)
+    # The learning curve is the eval of that epoch's weights: the last point equals eval of the model.
+    model, info = modeldir.load_model_dir(curve)
+    from funad.metrics import image_metrics
+
+    with cache.open(store_path) as store:
+        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
+        labels = store.labels[info.test_ids]
+    assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(log[-1]["test_image_auroc"])
+    # A diagnostic only: the weights equal those of the same fit without it.
+    assert_same_weights(modeldir.load_weights(plain)["net"], modeldir.load_weights(curve)["net"])
+    assert json.loads((curve / "config.json").read_text())["selection"] == "final"
+    res = run([store_path, "-o", tmp_path / "k", "--method", "knn", "--eval-every", "1"])
+    assert res.exit_code != 0 and "--eval-every" in res.output
+
+
 def test_fit_progress_line_fits_100_columns():
     # Epoch count, elapsed, ETA, it/s and the losses all visible on a 100-column terminal.
     import re
