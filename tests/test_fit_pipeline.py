@@ -264,7 +264,9 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_fit(store_path, tmp_
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):  # at epoch 2, long before the 1-hour checkpoint interval
         fit_pipeline.fit(store_path, part, spec, device="cpu", checkpoint_seconds=3600, progress=_InterruptAt(2))
-    assert checkpoints.checkpoint_epoch(modeldir.load_checkpoint(part)) == 1  # the last finished epoch
+    # The last finished epoch whose state reached the checkpointer: 1, or 2 when FunAD.fit hands over the
+    # checkpoint before calling the callback. Without the write on Ctrl-C there would be none (epoch 0).
+    assert checkpoints.checkpoint_epoch(modeldir.load_checkpoint(part)) in (1, 2)
     fit_pipeline.fit(store_path, part, spec, device="cpu", resume=True)
     a, b = modeldir.load_weights(full), modeldir.load_weights(part)
     assert_same_weights(a, b)
