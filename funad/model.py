@@ -121,7 +121,8 @@ class FunAD:
         Args:
             features: a FeatureSource or a (n_images, n_patches, dim) tensor/array.
             device: where to train; default: the source's device.
-            callback: called once per epoch with a record (dict): epoch,
+            callback: called once per epoch (the model scores with the
+                epoch's weights meanwhile) with a record (dict): epoch,
                 loss, loss_bce, loss_ms (means over the epoch's steps),
                 n_pseudo_anomalies, n_ambiguous, n_pairs (means per step),
                 bank_images, bank_patches (the epoch's last bank), time_bank,
@@ -135,7 +136,7 @@ class FunAD:
                 after its epoch and matches an uninterrupted run on the CPU.
             on_checkpoint: called with a state dict (net, optimizer, RNG
                 states, epoch, config) every ``checkpoint_every`` epochs and
-                after the last one, before that epoch's ``callback``.
+                after the last one.
             nn_backend: bank search back-end of :class:`funad.nn.NNIndex`.
 
         The bank is rebuilt at the first step of every epoch and then every
@@ -163,6 +164,8 @@ class FunAD:
         if checkpoint is not None:
             start_epoch = self._resume(checkpoint, net, opt, host_gen, noise_gen, n, p, dim)
         pool_all = cfg.bank_pool is None or cfg.bank_pool >= n
+        # Set now so that a per-epoch callback can score with the current weights.
+        self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
         keep_adapted = min(n, cfg.bank_pool or n) * p * dim * 4 <= KEEP_ADAPTED_BYTES
         by_identity = cfg.exclude_self_by == "identity"
         patch_ids = torch.arange(p, device=device)
@@ -208,14 +211,11 @@ class FunAD:
                 raise DivergedError(f"the training loss became {record['loss']} in epoch {epoch + 1}; "
                                     f"lower lr (now {cfg.lr}) or check the features for NaN or inf values")
             logger.debug("epoch %d: %s", epoch + 1, record)
-            # The checkpoint comes first so that a caller can measure this epoch's
-            # weights before the record is logged.
-            if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-                on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
             if callback is not None:
                 callback(record)
+            if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+                on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
 
-        self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
         return self
 
     def _rebuild_bank(self, net: LocalNet, source: FeatureSource, device: torch.device, keep_adapted: bool,

@@ -99,8 +99,9 @@ class _EpochLogger:
     """The estimator's per-epoch callback: append to train_log.jsonl and drive the bar (losses, it/s)."""
 
     def __init__(self, model_dir: Optional[Path], task, n_iter_per_epoch: int, first_epoch: int,
-                 curve: Optional[LearningCurve] = None) -> None:
-        self.model_dir, self.task, self.n_iter, self.curve = model_dir, task, n_iter_per_epoch, curve
+                 curve: Optional[LearningCurve] = None, model=None) -> None:
+        self.model_dir, self.task, self.n_iter = model_dir, task, n_iter_per_epoch
+        self.curve, self.model = curve, model
         self.records: list[dict] = []
         self.epoch = first_epoch
         self._last = time.perf_counter()
@@ -112,7 +113,7 @@ class _EpochLogger:
         record.setdefault("epoch", self.epoch)
         record.setdefault("wall_s", now - self._last)
         if self.curve is not None:
-            record.update(self.curve.pop(self.epoch))
+            record.update(self.curve(self.model, self.epoch))
         if self.model_dir is not None:
             modeldir.append_log(self.model_dir, record)
         self.records.append(record)
@@ -252,10 +253,8 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
         curve = LearningCurve(config, store, np.asarray(split["test_ids"], dtype=np.int64), dev, eval_every, epochs)
     task = progress.task("fit epoch", total=epochs, unit="epoch")
     task.advance(done)
-    callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done, curve)
-    also = [c for c in (selector, curve) if c is not None]
-    checkpointer = Checkpointer(model_dir, checkpoint_seconds,
-                                also=(lambda state: [c(state) for c in also]) if also else None)
+    callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done, curve, model)
+    checkpointer = Checkpointer(model_dir, checkpoint_seconds, also=selector)
     diagnostics = diagnostics_for(store, train_ids) if split["labelled"] else None
     try:
         model.fit(source, device=dev, callback=callback, diagnostics=diagnostics, checkpoint=checkpoint,

@@ -87,15 +87,11 @@ class LearningCurve(TestScorer):
                  last_epoch: int) -> None:
         super().__init__(config, store, test_ids, device)
         self.every, self.last_epoch = every, last_epoch
-        self.points: dict[int, dict] = {}
 
-    def __call__(self, state: dict) -> None:
-        epoch = int(state["epoch"])
-        if epoch % self.every == 0 or epoch == self.last_epoch:
-            values = self.metrics(self.model(state))
-            self.points[epoch] = {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
-                                  "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
-
-    def pop(self, epoch: int) -> dict:
-        """The metrics of ``epoch`` (empty when it was not measured)."""
-        return self.points.pop(epoch, {})
+    def __call__(self, model, epoch: int) -> dict:
+        """The test metrics of ``model`` (being fitted, at the end of ``epoch``), or {} when not due."""
+        if epoch % self.every and epoch != self.last_epoch:
+            return {}
+        values = self.metrics(model)
+        return {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
+                "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
