@@ -80,8 +80,9 @@ class StoreReading:
                 problems.setdefault(i, f"its {name} chunk {where} {what}")
         return buf, problems
 
-    def verify(self, chunk: int = 64, on_progress: Optional[Callable[[int], None]] = None) -> list[dict]:
-        """Read every complete image and check it against its checksums.
+    def verify(self, indices=None, chunk: int = 64,
+               on_progress: Optional[Callable[[int], None]] = None) -> list[dict]:
+        """Read every complete image (or the complete ones among ``indices``) and check its checksums.
 
         Returns one dict per damaged image, ``{"index", "path", "problems": [str, ...]}`` (empty when
         the store is sound); ``on_progress(n)`` is called after each chunk of n images.
@@ -92,6 +93,8 @@ class StoreReading:
         names = [L.PATCH_TOKENS, L.CLASS_TOKENS, L.MASKS] + ([L.PREVIEWS] if self._preview_hw else [])
         found: dict[int, list[str]] = {}
         idx = self.indices()
+        if indices is not None:
+            idx = np.intersect1d(idx, self._check_indices(indices))
         for s in range(0, idx.size, chunk):
             part = idx[s : s + chunk]
             for name in names:

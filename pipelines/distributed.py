@@ -9,6 +9,7 @@ across nodes.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long a rank waits in a collective for the others: they may be checking a large store's
+# checksums or finishing a larger share of images (gloo's default is 30 minutes).
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
 
 
 @dataclass
@@ -57,6 +61,14 @@ class Group:
             raise error
         return result
 
+    def union(self, items: list[int]) -> list[int]:
+        """The sorted union of every rank's ``items`` (every rank gets it)."""
+        if self.world == 1:
+            return sorted(set(items))
+        gathered: list = [None] * self.world
+        torch.distributed.all_gather_object(gathered, list(items))
+        return sorted({i for part in gathered for i in part})
+
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over all ranks (every rank gets the totals); also a barrier."""
         if self.world == 1:
@@ -80,7 +92,7 @@ def join() -> Group:
 
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
         owns = True
     group = Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
     logger.info("rank %d of %d (local rank %d)", group.rank, group.world, group.local_rank)

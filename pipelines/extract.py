@@ -158,19 +158,15 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
     attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
                   "dataset_kind": kind, "dataset_root": str(root.resolve())}
 
-    def prepare():
-        store = _open_store(output, records, bb, attributes, dtype=dtype, format=format, overwrite=overwrite)
-        try:
-            _pend_damaged(store, progress)
-        except BaseException:
-            store.close()
-            raise
-        return store
-
     # rank 0 holds the writer lock for the whole run; the other ranks write without it
-    store = group.leader_runs(prepare) or cache.open(output, "a", format=format, lock=False)
+    store = (group.leader_runs(lambda: _open_store(output, records, bb, attributes, dtype=dtype, format=format,
+                                                   overwrite=overwrite))
+             or cache.open(output, "a", format=format, lock=False))
     try:
-        pending = np.flatnonzero(~store.complete)
+        damaged = _find_damaged(store, group, progress)
+        if damaged:  # marked by rank 0 before any rank writes again
+            group.leader_runs(lambda: store.mark_pending(damaged))
+        pending = np.union1d(np.flatnonzero(~store.complete), damaged).astype(np.int64)
         result = _run(store, root, samples, bb, pending[group.rank :: group.world], skip_bad=skip_bad,
                       batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                       num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
@@ -207,18 +203,18 @@ def _open_store(output: Path, records: list[dict], bb: Backbone, attributes: dic
     return store
 
 
-def _pend_damaged(store, progress: Progress) -> list[int]:
-    """Verify the images a resumed store holds; mark the damaged ones pending so this run redoes them."""
-    n_complete = int(store.complete.sum())
-    if not n_complete:
-        return []
-    task = progress.task("verify", total=n_complete, unit="img")
-    damaged = [d["index"] for d in store.verify(on_progress=task.advance)]
-    if damaged:
+def _find_damaged(store, group: distributed.Group, progress: Progress) -> list[int]:
+    """Verify the images a resumed store holds (each rank its share); every rank gets all damaged ones."""
+    done = np.flatnonzero(store.complete)[group.rank :: group.world]
+    mine: list[int] = []
+    if done.size:
+        task = progress.task("verify", total=done.size, unit="img")
+        mine = [d["index"] for d in store.verify(done, on_progress=task.advance)]
+    damaged = group.union(mine)
+    if damaged and group.leader:
         paths = store.paths
         logger.warning("%s: %d damaged images will be extracted again: %s", store.path, len(damaged),
                        ", ".join(paths[damaged[:10]]) + (" ..." if len(damaged) > 10 else ""))
-        store.mark_pending(damaged)
     return damaged
 
 

@@ -262,8 +262,9 @@ def _half_done_store(out: Path, data: Path, opts: dict, monkeypatch) -> None:
 
 
 def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkeypatch):
-    """gloo on the CPU: 2 ranks resume a store a single process left half done; the result is
-    byte for byte the store one process makes (batches of 1, so batching cannot change a value)."""
+    """gloo on the CPU: 2 ranks resume a store a single process left with two images, one of them
+    damaged (rank 1 finds it); the result is byte for byte the store one process makes (batches of
+    1, so batching cannot change a value)."""
     data = make_mvtec(tmp_path / "data", n_train=3)
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
@@ -276,6 +277,7 @@ def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkey
         _half_done_store(tmp_path / "two.zarr", data, opts, monkeypatch)
     finally:
         torch.set_num_threads(threads)
+    (tmp_path / "two.zarr/patch_tokens/c.1.0.0").unlink()
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "funad",
            "extract", str(data), "-o", str(tmp_path / "two.zarr"), "--backbone", TINY, "--weights", str(weights),
@@ -285,7 +287,7 @@ def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkey
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.count("images written") == 1  # rank 0 reports, for both
-    assert "4 images written, 0 skipped, 2 already complete (6 in all)" in res.stdout
+    assert "5 images written, 0 skipped, 1 already complete (6 in all)" in res.stdout
 
     with cache.open(tmp_path / "one.zarr") as one, cache.open(tmp_path / "two.zarr") as two:
         assert two.complete.all() and two.verify() == []
