@@ -47,7 +47,7 @@ test-slow: venv
 # Speed benchmarks (short runs; each prints markdown with its machine and command).
 bench: venv
 	$(BIN)/python benchmarks/bench_extract.py > benchmarks/results/extract.md
-	$(BIN)/python benchmarks/bench_fit.py --p 196 > benchmarks/results/fit.md
+	$(BIN)/python benchmarks/bench_fit.py > benchmarks/results/fit.md
 	$(BIN)/python benchmarks/bench_nn.py >> benchmarks/results/fit.md
 	$(BIN)/python benchmarks/bench_residency.py > benchmarks/results/fit-pipeline.md
 	$(BIN)/python benchmarks/bench_predict.py > benchmarks/results/predict.md

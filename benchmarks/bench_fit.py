@@ -26,7 +26,8 @@ from funad import preset
 from funad.config import FunADConfig
 from funad.data import TensorSource
 from funad.localnet import LocalNet
-from funad.memory_bank import bank_candidates, gather_adapted, sample_bank_images, sample_bank_patches, score_images
+from funad.memory_bank import (bank_candidates, draw_pool, gather_adapted, sample_bank_images, sample_bank_patches,
+                               score_images)
 from funad.nn import NNIndex, resolve_backend
 from funad.ops import autocast
 from funad.pairs import batch_mutual_pairs
@@ -55,6 +56,22 @@ def matmul_flops(device: torch.device, dim: int, repeats: int = 3) -> float:
     return 2 * 8192 * 8192 * dim / best
 
 
+def localnet_rate(device: torch.device, dim: int, bf16: bool, rows: int = 16384, repeats: int = 3) -> float:
+    """Best Local-Net forward FLOP/s on ``rows`` features, fp32 or under bfloat16 autocast."""
+    net = LocalNet(dim, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn(rows, dim, device=device)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            sync(device)
+            start = time.perf_counter()
+            with autocast(device, bf16):
+                net(x)
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+    return net_flops(rows, dim) / best
+
+
 def net_flops(rows: int, dim: int) -> float:
     """Forward FLOPs of Local-Net on ``rows`` features."""
     return 2.0 * rows * (dim * dim + dim * 1024 + 1024 * 128 + 128)
@@ -71,7 +88,8 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
     sync(device)
     t0 = time.perf_counter()
     if rebuild:
-        scored = score_images(net, source, device, keep_adapted=True, bf16=cfg.bf16)
+        pool = draw_pool(n, cfg.bank_pool, host_gen)
+        scored = score_images(net, source, device, keep_adapted=True, bf16=cfg.bf16, images=pool)
         images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
         bank, _ = sample_bank_patches(gather_adapted(net, source, images, scored, device, cfg.bf16),
                                       cfg.bank_patches, host_gen)
@@ -79,7 +97,7 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
         state["scored"] = scored
     sync(device)
     t1 = time.perf_counter()
-    out["bank rebuild"] = (t1 - t0, net_flops(n * p, dim) if rebuild else 0.0)
+    out["bank rebuild"] = (t1 - t0, net_flops(min(n, cfg.bank_pool or n) * p, dim) if rebuild else 0.0)
 
     f = source.get(batch_idx).to(device)
     positions = None
@@ -88,7 +106,7 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
         f = f[:, positions]
     q = f.shape[0] * f.shape[1]
     with torch.no_grad():
-        if rebuild:
+        if rebuild and state["scored"].images.numel() == n:
             a = state["scored"].adapted[torch.as_tensor(batch_idx, device=device)]
             a = a if positions is None else a[:, positions]
             adapt_flops = 0.0
@@ -169,6 +187,10 @@ def main() -> None:
           f"NN back-end '{resolve_backend('auto', device)}'")
     peak = matmul_flops(device, args.d)
     print(f"- float32 matmul (8192x{args.d} @ {args.d}x8192), same run: **{peak / 1e9:.1f} GFLOP/s**")
+    cap = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "n/a"
+    fp32, bf16 = localnet_rate(device, args.d, False), localnet_rate(device, args.d, True)
+    print(f"- Local-Net forward, 16384 patches, same run: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 autocast "
+          f"{bf16 / 1e9:.1f} GFLOP/s (bf16 / fp32 = {bf16 / fp32:.2f}; torch CPU capability {cap})")
     print("- FLOPs: Local-Net forward 2(D^2 + 1024D + 1024*128 + 128) per patch, backward = 2x forward; "
           "search 2*Q*M*D; pairs 2*Q^2*D (Q = batch patches, M = bank rows)")
 

@@ -1,0 +1,86 @@
+"""Does a default fit scale with the training set? Fit time at N = bottle size and N = 1000 images.
+
+The 1,000-image set is built from real cached features: the training images
+of the given caches (same backbone, so the same P and D), resampled with
+replacement and each copy jittered with Gaussian noise of 5% of the feature's
+standard deviation, so that no two images are identical. Both fits run the
+default preset (or ``--preset``) in one process, with a float32 matmul peak
+measured in the same run; report the ratio, not the absolute seconds.
+
+    python benchmarks/bench_scale.py /work/caches/bottle.zarr /work/caches/ksdd.zarr --n 230 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from funad import FunAD, cache
+from funad.config import DEFAULT_PRESET, preset
+from funad.pipelines.features import load_features
+
+
+def matmul_peak(dim: int = 768) -> float:
+    a, b = torch.randn(8192, dim), torch.randn(dim, 8192)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return 2 * 8192 * 8192 * dim / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def pool_of(paths: list[str]) -> torch.Tensor:
+    parts = []
+    for path in paths:
+        with cache.open(path, mode="r") as store:
+            parts.append(load_features(store, store.indices(split="train"), device=torch.device("cpu")))
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) != 1:
+        raise SystemExit(f"the caches hold features of different shapes {sorted(shapes)}; use caches of one backbone")
+    return torch.cat(parts)
+
+
+def resample(pool: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(pool.shape[0], (n,), generator=g)
+    std = pool.float().std(dim=(0, 1))
+    return pool[pick] + 0.05 * std * torch.randn(n, *pool.shape[1:], generator=g)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("caches", nargs="+")
+    ap.add_argument("--n", type=int, nargs="+", default=[230, 1000])
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
+    args = ap.parse_args()
+    pool = pool_of(args.caches)
+    print("# Fit time against training-set size\n")
+    print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"- features: {pool.shape[0]} real training images from {', '.join(args.caches)}, "
+          f"P = {pool.shape[1]}, D = {pool.shape[2]}; preset `{args.preset}`")
+    print(f"- float32 matmul peak, same run: **{matmul_peak(pool.shape[2]) / 1e9:.0f} GFLOP/s**\n")
+    print("| training images | epochs run | iterations | fit s | bank s | search s | step s | s per iteration |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.n:
+        feats = resample(pool, n)
+        cfg = preset(args.preset)
+        records: list[dict] = []
+        seconds = _timed(lambda: FunAD(cfg).fit(feats, callback=records.append))
+        iters = len(records) * (n // cfg.batch_size)
+        phase = {k: sum(r[f"time_{k}"] for r in records) for k in ("bank", "search", "step")}
+        print(f"| {n} | {len(records)} | {iters} | {seconds:.0f} | {phase['bank']:.0f} | {phase['search']:.0f} "
+              f"| {phase['step']:.0f} | {seconds / iters:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
