@@ -123,6 +123,8 @@ class ZarrBackend:
         if not self._plain_rows(name):
             out[...] = self.array(name)[start:stop]
             return
+        if not out.flags.c_contiguous:  # rows are read into out's memory in place
+            raise ValueError("read_rows needs a C-contiguous output array")
         for k, i in enumerate(range(start, stop)):
             row = out[k].reshape(-1).view(np.uint8)
             try:
