@@ -75,7 +75,6 @@ def coreset_times(bank: torch.Tensor, ratio: float, plain_steps: int | None) -> 
     steps = n if plain_steps is None else min(plain_steps, n)
     old, t_old = timed(lambda: plain_greedy(x, n, int(new[0]), steps))
     t_old_all = t_old * n / steps
-    same = bool(torch.equal(old[:steps], new[:steps]))
     how = "measured" if steps == n else f"extrapolated from {steps} steps"
     return [
         f"\n## Coreset of {ratio:g} of {bank.shape[0]} training patches ({n} points, D={bank.shape[1]} -> 128)\n",
@@ -83,9 +82,21 @@ def coreset_times(bank: torch.Tensor, ratio: float, plain_steps: int | None) -> 
         f"| sparse random projection | {t_proj:.1f} |",
         f"| plain greedy update (previous funad), {how} | {t_old_all:.1f} |",
         f"| funad.coreset (lazy batched k-center) | {t_new:.1f} |",
-        f"\nSpeed-up {t_old_all / t_new:.1f}x (projection excluded from both). Same points in the same order "
-        f"for the {steps} steps compared: {'yes' if same else 'NO'}.",
+        f"\nSpeed-up {t_old_all / t_new:.1f}x (projection excluded from both). {agreement(x, old[:steps], new)}",
     ]
+
+
+def agreement(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> str:
+    """Where the two selections part, and whether that step was a float32 near-tie (then both are right)."""
+    diff = torch.nonzero(old != new[:len(old)]).ravel()
+    if diff.numel() == 0:
+        return f"Same points in the same order for all {len(old)} steps compared."
+    i = int(diff[0])
+    d = torch.cdist(x[torch.stack([old[i], new[i]])].double(), x[old[:i]].double()).min(dim=1).values
+    gap = float((d[0] - d[1]).abs() / d.max())
+    return (f"Same points for the first {i} of {len(old)} steps; at step {i} the two picks' distances to the "
+            f"selected set differ by {gap:.1e} (relative, float64): "
+            f"{'a float32 near-tie, both picks are correct' if gap < 1e-5 else 'NOT a tie: a bug'}.")
 
 
 def quality(store, ratio: float, quick: bool) -> list[str]:

@@ -1,4 +1,4 @@
-"""PatchCore's approximate greedy coreset: a sparse random projection, then exact k-center greedy with pruning.
+"""PatchCore's approximate greedy coreset: a sparse random projection, then exact, lazily batched k-center greedy.
 
 PatchCore (Roth et al., CVPR 2022, Sec. 3.2) thins its memory bank with the
 greedy k-center coreset, computed on features reduced by a random
@@ -14,23 +14,24 @@ the same and nothing else:
    point is the one with the largest mean distance to ``n_start`` (10) random
    points. Those random points only choose the start; they are not kept.
 3. **k-center greedy.** Repeatedly add the point farthest from the selected
-   set, in the projected space. This is the exact greedy update (the same
-   points, in the same order, as recomputing every point's distance to the
-   newest centre at each step), made fast on a CPU with the triangle
-   inequality: every point remembers its nearest centre a and the distance
-   to it; a new centre c can only come closer to points of centre a when
-   ``d(a, c) < 2 * r_a``, r_a being the largest such distance in a's cluster.
-   Each step therefore computes c's distance to the earlier centres (a small
-   matrix-vector product) and to the points of the few clusters near c,
-   instead of to all M points. Early steps, where most clusters are near,
-   use one dense matrix-vector product over all points.
+   set, in the projected space. This is the exact greedy update: the same
+   points in the same order as recomputing every point's distance to the
+   newest centre at each step (up to float32 rounding when two distances
+   agree to ~1e-6), which ``tests/test_coreset.py`` checks against a slow
+   reference. It is made fast on a CPU by being lazy and batched: every
+   point keeps an upper bound of its distance to the selected set (exact
+   when last refreshed). A round refreshes the ``_BATCH`` points with the
+   largest bounds in one matrix product against the centres they have not
+   seen, then selects among them for as long as the best is farther than
+   the largest bound outside the batch. Points well covered early are
+   never looked at again.
 
 Cost: the plain update reads all M x 128 projected values once per selected
-point (memory-bound, ~15 minutes for a 10% coreset of a 180k-patch bank on a
-2-core CPU, see ``benchmarks/bench_coreset.py``); with pruning each late step
-touches a few hundred points. The selection is identical either way (up to
-float rounding in exact ties), which ``tests/test_coreset.py`` checks against
-a slow reference.
+point, a memory-bound pass repeated n_select times (about 15 minutes for a
+10% coreset of the 164k-patch bottle bank on this project's 2-core CPU,
+issue 12). The lazy update computes fewer distances, in large matrix
+products. ``benchmarks/bench_coreset.py``
+times both on a real cache.
 """
 
 from __future__ import annotations
@@ -48,10 +49,9 @@ PROJECTION_DIM = 128
 N_START = 10
 # Rows projected at once (bounds the temporary (rows, D) float32 copy).
 _PROJECT_ROWS = 65536
-# Candidates refreshed and searched per round of the lazy k-center update.
-_BATCH = 1024
-# Groups of similar staleness a batch is refreshed in (fewer wasted distances than one product).
-_REFRESH_GROUPS = 4
+# Candidates refreshed and searched per round of the lazy k-center update (of 1024-16384 tried on a
+# slice of the bottle bank, 4096-8192 were fastest; benchmarks/bench_coreset.py times the default).
+_BATCH = 4096
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -141,18 +141,15 @@ def _refresh(points: _Points, rows: torch.Tensor, bound: torch.Tensor, seen: tor
     """Exact squared distances of ``rows`` to the nearest of the first ``t`` centres.
 
     ``centres_right`` holds the centres in ``_Points.right`` form, in
-    selection order. ``bound[i]`` already accounts for the first ``seen[i]`` centres; only
-    later centres are compared, in a few matrix products over groups of rows
-    with similar ``seen``.
+    selection order. ``bound[i]`` already accounts for the first ``seen[i]``
+    centres, so only the centres from ``min(seen)`` on are compared, in one
+    matrix product. (Splitting the rows into groups of similar ``seen``
+    saves distances but was slower on the bottle bank: small products.)
     """
-    out = bound.clone()
-    order = torch.argsort(seen)
-    for group in torch.tensor_split(order, min(_REFRESH_GROUPS, max(1, order.numel()))):
-        first = int(seen.index_select(0, group).min())
-        if first < t:
-            nearest = points.nearest_sqdist(rows.index_select(0, group), centres_right[first:t])
-            out.index_copy_(0, group, torch.minimum(out.index_select(0, group), nearest))
-    return out
+    first = int(seen.min())
+    if first >= t:
+        return bound.clone()
+    return torch.minimum(bound, points.nearest_sqdist(rows, centres_right[first:t]))
 
 
 def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BATCH) -> torch.Tensor:
