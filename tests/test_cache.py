@@ -531,3 +531,27 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog, monkeypatc
     cache.lock_path(path).write_text(json.dumps({"pid": 1, "host": "another-node"}))
     with pytest.raises(cache.CacheLockedError, match="another-node.*if it is gone, delete the lock file"):
         cache.open(path, "a")
+
+
+def test_a_format_1_store_is_read_without_checksums_and_not_written(tmp_path):
+    """Stores from before per-image records (one status array, cache_version 1) stay readable."""
+    import shutil
+
+    path = tmp_path / "v1.zarr"
+    patches, cls = _tokens(0)
+    with _create(path) as store:
+        store.write(0, patch_tokens=patches, class_token=cls)
+    backend = _zarr.ZarrBackend(path, writable=True)  # rewrite it into the format-1 layout
+    backend.create_array("status", (4,), "int8", (4,), "none")
+    backend.array("status")[:] = np.array([1, 0, 0, 0], np.int8)
+    backend.set_attrs({"cache_version": 1})
+    for name in ("records", "records_snapshot", "records_snapshot_valid"):
+        shutil.rmtree(path / name)
+    with cache.open(path) as store:
+        assert store.status.tolist() == [1, 0, 0, 0]
+        np.testing.assert_array_equal(store.read_patch_tokens([0])[0], patches.astype(np.float16))
+        with pytest.raises(cache.CacheError, match="cache format 1.*without checksums"):
+            store.verify()
+    with pytest.raises(cache.CorruptCacheError, match=r"older funad \(cache format 1\).*--overwrite"):
+        cache.open(path, "a")
+    assert not cache.lock_path(path).exists()
