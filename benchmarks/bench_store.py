@@ -19,7 +19,7 @@ machine, every figure, ratios to raw, and the images/s an extraction could
 reach before the store is the limit (best write rate for the largest tokens).
 
     python benchmarks/bench_store.py --dir /path/on/the/disk            # full run, ~2.4 GB per size
-    python benchmarks/bench_store.py --images 16 --sizes 16x32 --writers 1 2   # smoke test
+    python benchmarks/bench_store.py --images 16 --sizes 16x32 --side 8 --writers 1 2   # smoke test
 """
 
 from __future__ import annotations
@@ -129,13 +129,24 @@ def _samples(n: int) -> list[dict]:
     return [{"path": f"{i:07d}.png", "split": "train", "label": 0, "defect_type": "good"} for i in range(n)]
 
 
+def previews(side: int) -> np.ndarray:
+    """``(BATCH, side, side, 3) uint8``: smooth pictures with some noise (compress like photos, roughly)."""
+    yy, xx = np.mgrid[0:side, 0:side] / max(side, 1)
+    base = np.stack([np.sin(6 * xx), np.cos(4 * yy), np.sin(3 * (xx + yy))], axis=-1) * 100 + 128
+    noise = np.random.default_rng(1).normal(0, 8, (BATCH, side, side, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
 def _write_share(store, rank: int, world: int, p: int, c: int) -> None:
-    """Write images rank, rank + world, ... in batches."""
+    """Write images rank, rank + world, ... in batches (tokens; empty masks and previews if the store has them,
+    as extract writes for normal images)."""
     data = tokens(p, c)
+    pics = None if store.preview_size is None else previews(store.preview_size[0])
     mine = np.arange(rank, store.n_images, world)
     for s in range(0, mine.size, BATCH):
         idx = mine[s : s + BATCH]
-        store.write_batch(idx, patch_tokens=data[: idx.size], class_tokens=data[: idx.size, 0])
+        store.write_batch(idx, patch_tokens=data[: idx.size], class_tokens=data[: idx.size, 0],
+                          previews=None if pics is None else pics[: idx.size])
 
 
 def _writer_process(path: str, rank: int, world: int, p: int, c: int) -> None:
@@ -150,12 +161,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def store_write(path: Path, fmt: str, n: int, p: int, c: int, writers: int) -> tuple[float, float]:
-    """(wall, CPU) seconds to create a store, write n images with ``writers`` writers, close it and sync it."""
+def store_write(path: Path, fmt: str, n: int, p: int, c: int, writers: int, side: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to create a store, write n images with ``writers`` writers, close it and sync it.
+    ``side`` > 0 adds ``side x side`` masks and previews, as extract stores them."""
     cpu = cpu_seconds()
     start = time.perf_counter()
-    store = cache.create(path, samples=_samples(n), grid=(p, 1), token_dim=c, mask_size=(1, 1),
-                         preview_size=None, format=fmt)
+    store = cache.create(path, samples=_samples(n), grid=(p, 1), token_dim=c, mask_size=(max(side, 1),) * 2,
+                         preview_size=side or None, format=fmt)
     if fmt == "zarr":
         ctx = mp.get_context("fork")
         procs = [ctx.Process(target=_writer_process, args=(str(path), r, writers, p, c)) for r in range(writers)]
@@ -200,12 +212,17 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["784x768", "784x384"], help="P x C of the patch tokens")
     ap.add_argument("--writers", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--formats", nargs="+", default=["zarr", "hdf5"], choices=["zarr", "hdf5"])
+    ap.add_argument("--side", type=int, default=224,
+                    help="also write side x side masks (empty, as for normal images) and previews, as extract "
+                         "does; 0: tokens only")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="funad-bench-store-", dir=args.dir))
     n = args.images
     print(f"# Feature store throughput\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n")
     print(f"Machine: {machine(base)}\n")
-    print(f"{n} images per store, written in batches of {BATCH}, read in chunks of 64; MB = 10^6 bytes.\n")
+    extra = (f"; writes also store {args.side} x {args.side} masks (empty) and previews, as extract does, but "
+             "MB/s counts token bytes only" if args.side else "")
+    print(f"{n} images per store, written in batches of {BATCH}, read in chunks of 64; MB = 10^6 bytes{extra}.\n")
     best_rate = None
     try:
         for size in args.sizes:
@@ -221,7 +238,7 @@ def main() -> None:
             for fmt in args.formats:
                 for w in args.writers:
                     path = base / ("s.zarr" if fmt == "zarr" else "s.h5")
-                    secs, cpu = store_write(path, fmt, n, p, c, w)
+                    secs, cpu = store_write(path, fmt, n, p, c, w, args.side)
                     drop_from_page_cache(path)
                     rsecs = store_read(path)
                     wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
