@@ -21,7 +21,7 @@ from .common import RichProgress, console, user_errors
 @click.option("--overlap", default="both", show_default=True, type=click.Choice(["both", "overlap", "no-overlap"]),
               help="Whether moved anomalies also stay in the test set.")
 @click.option("--methods", default="funad,knn", show_default=True, metavar="M1,M2,...",
-              help="funad (default preset), funad:<preset> (e.g. funad:paper) or a baseline (knn).")
+              help="funad (default preset), funad:<preset> (e.g. funad:paper) or a baseline (knn, softpatch).")
 @click.option("--seeds", default="0", show_default=True, metavar="S1,S2,...",
               help="Each seed draws its own contamination split and fit.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2",
