@@ -242,7 +242,8 @@ def main() -> None:
                     drop_from_page_cache(path)
                     rsecs = store_read(path)
                     wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
-                    print(f"| {fmt} | {w} {'process' if fmt == 'zarr' else 'thread'}{'es' if fmt == 'zarr' and w > 1 else 's' if w > 1 else ''} | {wr / 1e6:.0f} | "
+                    unit = ("process" if fmt == "zarr" else "thread") + ("" if w == 1 else "es" if fmt == "zarr" else "s")
+                    print(f"| {fmt} | {w} {unit} | {wr / 1e6:.0f} | "
                           f"{n / secs:.0f} | {1e3 * cpu / n:.1f} | {wr / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
                     if size == args.sizes[0]:
                         best_rate = max(best_rate or 0.0, n / secs)

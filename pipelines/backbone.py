@@ -238,8 +238,8 @@ def _create(timm, name: str, *, pretrained: bool, overlay: Optional[dict], kwarg
             raise BackboneError(f"cannot read weights file {source}: {exc}") from exc
         raise BackboneError(
             f"cannot fetch the pretrained weights of {name} ({type(exc).__name__}: {str(exc)[:200]}). "
-            f"This machine seems to be offline. Download the weights elsewhere (timm / Hugging Face hub, or the official DINO checkpoint) "
-            f"and pass the file with --weights FILE") from exc
+            f"This machine seems to be offline. Download the weights elsewhere (timm / Hugging Face hub, "
+            f"or the official DINO checkpoint) and pass the file with --weights FILE") from exc
     except RuntimeError as exc:
         if source is None:
             raise BackboneError(f"cannot build {name}: {exc}") from exc
