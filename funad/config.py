@@ -30,7 +30,7 @@ class FunADConfig:
     lambda_: float = 2.5  # λ: weight of the mutual-smoothness loss (Eq. 9, supp. Table 3)
     k: int = 2  # k: neighbours searched in the bank; the nearest that is not the patch itself is used
     self_eps: float = 1e-2  # squared distances below this count as the patch finding itself (reference code)
-    self_exclusion: str = "auto"  # "distance" (self_eps rule), "identity" (same image and patch) or "auto" (see below)
+    self_exclusion: str = "auto"  # "distance" (self_eps rule), "identity" (same image+patch), "auto": identity iff bank_every > 1
     batch_size: int = 32  # B: images per minibatch; the incomplete last batch is dropped
     epochs: int = 1500  # passes over the training set (authors' script)
     lr: float = 2e-5  # RMSprop learning rate (authors' script)
