@@ -18,6 +18,7 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 SELF_EXCLUSIONS = ("auto", "distance", "identity")
+BANK_RULES = ("minmax", "rank")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class FunADConfig:
     batch_patches: Optional[int] = None  # patches sampled per image in each step (paper: all P)
     bf16: bool = False  # bfloat16 autocast for Local-Net forward passes and searches (paper: fp32)
     bank_pool: Optional[int] = None  # each rebuild scores at most this many randomly drawn images (paper: all)
+    bank_rule: str = "minmax"  # bank candidates: Ŝ < τ_b after min-max (paper), or "rank": the τ_b share scoring lowest
     max_iterations: Optional[int] = None  # cap on epochs x steps: fewer epochs on large training sets (paper: none)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,7 @@ class FunADConfig:
         check(self.self_exclusion in SELF_EXCLUSIONS,
               f"self_exclusion must be one of {list(SELF_EXCLUSIONS)}, got {self.self_exclusion!r}")
         check(self.bank_pool is None or self.bank_pool >= 1, f"bank_pool must be >= 1 or None, got {self.bank_pool}")
+        check(self.bank_rule in BANK_RULES, f"bank_rule must be one of {list(BANK_RULES)}, got {self.bank_rule!r}")
         check(self.max_iterations is None or self.max_iterations >= 1,
               f"max_iterations must be >= 1 or None, got {self.max_iterations}")
 

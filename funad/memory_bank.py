@@ -79,13 +79,24 @@ def score_images(net: LocalNet, source: FeatureSource, device: torch.device, *,
     return ScoredImages(images, scores, adapted)
 
 
-def bank_candidates(image_scores: torch.Tensor, tau_b: float) -> torch.Tensor:
-    """Indices of images with normalised score Ŝ_i < τ_b, int64 (n_candidates,).
+def bank_candidates(image_scores: torch.Tensor, tau_b: float, rule: str = "minmax") -> torch.Tensor:
+    """Indices of the memory-bank candidate images, int64 (n_candidates,), ascending.
 
-    When all scores are equal Ŝ is 0 everywhere and every image is a candidate
+    ``rule="minmax"`` (the spec): images with normalised score Ŝ_i < τ_b. When
+    all scores are equal Ŝ is 0 everywhere and every image is a candidate
     (for τ_b > 0). With τ_b = 0 nothing is strictly below it; the images with
     Ŝ = 0 are then used so the bank is never empty.
+
+    ``rule="rank"`` (a deviation, ``FunADConfig.bank_rule``): the ⌊τ_b·n⌋
+    lowest-scoring images (at least one). Min-max normalisation lets a few
+    very low scores decide: once the discriminator saturates, most normal
+    images score near the top, few have Ŝ < τ_b and the bank collapses to a
+    handful of images. The rank rule keeps a fixed share whatever the scores'
+    spread.
     """
+    if rule == "rank":
+        n = max(1, int(np.floor(tau_b * image_scores.numel())))
+        return torch.argsort(image_scores, stable=True)[:n].sort().values
     s_hat = minmax(image_scores)
     cand = torch.nonzero(s_hat < tau_b).flatten()
     if cand.numel() == 0:

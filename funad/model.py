@@ -229,7 +229,7 @@ class FunAD:
         if not bool(torch.isfinite(scored.image_scores).all()):
             raise DivergedError(f"image scores became NaN or inf in epoch {epoch}; lower lr (now {cfg.lr}) "
                                 "or check the features for NaN or inf values")
-        rows = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
+        rows = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b, cfg.bank_rule), cfg.r, host_gen)
         bank, kept = sample_bank_patches(gather_adapted(net, source, rows, scored, device, cfg.bf16),
                                          cfg.bank_patches, host_gen)
         index = NNIndex(nn_backend, device).fit(bank.float())

@@ -46,6 +46,15 @@ def test_bank_candidates_threshold_and_all_equal():
     assert bank_candidates(scores, 0.0).tolist() == [0]  # τ_b = 0 keeps the minimum
 
 
+def test_bank_candidates_rank_rule_keeps_a_fixed_share():
+    # Saturated scores: min-max keeps only the low outlier, the rank rule the lowest half.
+    scores = torch.tensor([0.95, 0.2, 0.97, 0.96, 1.0, 0.94, 0.98, 0.99])
+    assert bank_candidates(scores, 0.5).tolist() == [1]
+    assert bank_candidates(scores, 0.5, rule="rank").tolist() == [0, 1, 3, 5]
+    assert bank_candidates(torch.full((5,), 0.3), 0.5, rule="rank").tolist() == [0, 1]  # ties: by index
+    assert bank_candidates(scores, 0.0, rule="rank").tolist() == [1]  # never empty
+
+
 def test_sample_bank_images_size_and_determinism():
     cand = torch.arange(10, 17)  # |C| = 7
     a = sample_bank_images(cand, 0.5, torch.Generator().manual_seed(0))

@@ -279,7 +279,7 @@ def test_paper_preset_is_the_spec_defaults():
     assert not cfg.ms_on_clean  # the reference code's losses
     # every speed option off
     assert (cfg.bank_every, cfg.bank_patches, cfg.batch_patches, cfg.bf16) == (1, None, None, False)
-    assert (cfg.bank_pool, cfg.max_iterations) == (None, None)
+    assert (cfg.bank_pool, cfg.max_iterations, cfg.bank_rule) == (None, None, "minmax")
     assert cfg.exclude_self_by == "distance"
 
 
