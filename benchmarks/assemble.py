@@ -14,11 +14,15 @@ ORDER = [
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
     ("Quality: KolektorSDD", "quality-ksdd.md"),
     ("Speed: extract", "extract.md"),
+    ("Fit: default preset against bank rules and epochs (ablation)", "ablation.md"),
+    ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
+    ("Speed: fit time against training-set size", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
     ("Speed: predict", "predict.md"),
     ("Speed: evaluation maths", "evaluation.md"),
     ("Storage: compression choice", "cache.md"),
+    ("Storage: store against the raw disk", "store.md"),
 ]
 
 
