@@ -74,15 +74,24 @@ def test_callback_record_per_epoch(fitted):
 
 
 def test_diagnostics_are_reported():
-    image_labels = np.isin(np.arange(N), OUTLIERS).astype(int)
-    patch_labels = np.zeros((N, P), dtype=int)
-    patch_labels[OUTLIERS, POSITION] = 1
-    records = []
-    FunAD(small(epochs=2)).fit(planted(), callback=records.append,
-                               diagnostics={"image_labels": image_labels, "patch_labels": patch_labels})
-    r = records[-1]
-    assert 0.0 <= r["bank_purity"] <= 1.0
-    assert r["pseudo_recall"] is None or 0.0 <= r["pseudo_recall"] <= 1.0
+    """Purity and pseudo-label precision/recall are computed from the given labels, exactly."""
+    x, steps = planted(), N // 8
+
+    def run(image_labels, patch_labels):
+        records = []
+        FunAD(small(epochs=2)).fit(x, callback=records.append,
+                                   diagnostics={"image_labels": image_labels, "patch_labels": patch_labels})
+        return records[-1]
+
+    clean = run(np.zeros(N, int), np.zeros((N, P), int))
+    assert clean["bank_purity"] == 1.0
+    assert clean["pseudo_recall"] is None  # no true anomalous patch
+    assert clean["pseudo_precision"] == (0.0 if clean["n_pseudo_anomalies"] > 0 else None)
+    dirty = run(np.ones(N, int), np.ones((N, P), int))
+    assert dirty["bank_purity"] == 0.0
+    assert dirty["pseudo_precision"] == 1.0
+    # every patch is truly anomalous: recall = pseudo-anomalies / patches seen in the epoch
+    assert dirty["pseudo_recall"] == pytest.approx(dirty["n_pseudo_anomalies"] * steps / (steps * 8 * P))
     with pytest.raises(DataError, match=r"image_labels must have shape \(24,\)"):
         FunAD(small(epochs=1)).fit(planted(), diagnostics={"image_labels": np.zeros(3)})
 
@@ -140,6 +149,9 @@ def test_speed_options_and_paper_reading_run():
     assert records[-1]["bank_patches"] == 40
     assert np.isfinite(records[-1]["loss"])
     assert model.score_images(planted()).shape == (N,)
+    # ms_on_clean is a different update (the exact difference is pinned in test_train_step.py)
+    reference = FunAD(cfg.replace(ms_on_clean=False)).fit(planted().numpy())
+    assert not same_weights(weights(model), weights(reference))
 
 
 def test_bad_input_errors():
