@@ -140,8 +140,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 60,
         "max_iterations": 420,  # = 60 epochs of bottle (7 steps each); fewer epochs on larger training sets
         "bank_every": 14,  # plus each epoch's first step: once per epoch when an epoch has <= 14 steps
-        "bank_pool": 128,  # a rebuild scores 128 images, so its cost does not grow with the training set
-        "bank_patches": 10000,
+        "bank_pool": 64,  # a rebuild scores 64 images, so its cost does not grow with the training set
+        "bank_patches": 4096,
         "batch_patches": 64,
         # bf16 stays off: on this project's AVX2 CPU (no AVX512-BF16) bf16 autocast ran the
         # Local-Net 2.4x slower than fp32 (benchmarks/bench_fit.py); on a GPU, --set bf16=true.
