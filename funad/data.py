@@ -62,7 +62,11 @@ class TensorSource:
         return self.features[idx].float()
 
 
-def as_source(features: Union[FeatureSource, torch.Tensor, np.ndarray]) -> FeatureSource:
+# Anything the estimators accept as features: a source, or a (n_images, n_patches, dim) tensor or array.
+FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
+
+
+def as_source(features: FeaturesLike) -> FeatureSource:
     """Wrap a tensor or array in a :class:`TensorSource`; pass sources through."""
     if isinstance(features, (torch.Tensor, np.ndarray)):
         return TensorSource(features)

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from .config import FunADConfig
-from .data import FeatureSource, as_source, source_device
+from .data import FeatureSource, FeaturesLike, as_source, source_device
 from .errors import ConfigError, DataError, DivergedError, NotFittedError
 from .localnet import LocalNet
 from .memory_bank import (ScoredImages, bank_candidates, draw_pool, gather_adapted, sample_bank_images,
                           sample_bank_patches, score_images)
 from .nn import NNIndex
-from .ops import FeaturesLike, autocast, images_per_chunk
+from .ops import autocast, images_per_chunk
 from .perturb import draw_noise
 from .train_step import make_targets, optimise
 

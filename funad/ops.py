@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Union
 
-import numpy as np
 import torch
-
-from .data import FeatureSource
-
-# Anything the estimators accept as features: a source, or a (n_images, n_patches, dim) tensor or array.
-FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""Learning curves from model directories fitted with ``funad fit --eval-every N``.
+
+Reads each directory's train_log.jsonl and prints, per measured epoch, the
+test image / pixel AUROC and AUPRO (mean ± std over the directories, e.g. one
+per seed) with the bank size and purity of that epoch. A diagnostic: these
+numbers use test labels and select nothing.
+
+    python benchmarks/learning_curve.py runs/seed0 runs/seed1 runs/seed2 > benchmarks/results/learning-curve.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    dirs = [Path(d) for d in sys.argv[1:]]
+    if not dirs:
+        raise SystemExit(__doc__)
+    logs = {d: [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines() if line.strip()]
+            for d in dirs}
+    config = json.loads((dirs[0] / "config.json").read_text())
+    epochs = sorted({r["epoch"] for log in logs.values() for r in log if "test_image_auroc" in r})
+    if not epochs:
+        raise SystemExit("no epoch carries test metrics; fit with --eval-every N")
+
+    def cell(values: list[float], pct: bool = True) -> str:
+        v = np.asarray(values, dtype=float) * (100 if pct else 1)
+        if not len(v):
+            return "n/a"
+        return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "")
+
+    split = config["contamination"]
+    print(f"Command: `python benchmarks/learning_curve.py {' '.join(map(str, dirs))}`; model directories from "
+          f"`funad fit CACHE --contamination {split['ratio']} {'--overlap' if split['overlap'] else '--no-overlap'} "
+          f"--seed S --eval-every N` (preset `{config.get('preset')}`: "
+          + ", ".join(f"{k}={config['config'].get(k)}" for k in ("epochs", "max_iterations", "bank_every", "bank_pool",
+                                                                  "bank_patches", "batch_patches", "bank_rule", "lr"))
+          + f"; {len(dirs)} fit(s)). Test metrics are a "
+          "diagnostic on test labels; nothing was selected with them (the final epoch is the model).\n")
+    print("| epoch | image AUROC | pixel AUROC | AUPRO@0.3 | bank images | bank purity | pseudo recall |")
+    print("|---|---|---|---|---|---|---|")
+    for e in epochs:
+        rows = [r for log in logs.values() for r in log if r["epoch"] == e and "test_image_auroc" in r]
+        print(f"| {e} | {cell([r['test_image_auroc'] for r in rows])} | {cell([r['test_pixel_auroc'] for r in rows])} "
+              f"| {cell([r['test_aupro'] for r in rows])} | {cell([r['bank_images'] for r in rows], False)} "
+              f"| {cell([r['bank_purity'] for r in rows if r.get('bank_purity') is not None], False)} "
+              f"| {cell([r['pseudo_recall'] for r in rows if r.get('pseudo_recall') is not None], False)} |")
+
+
+if __name__ == "__main__":
+    main()
