@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -73,7 +75,9 @@ def _row_label(row: dict) -> str:
 
 
 def _config_digest(row: dict) -> str:
-    return row["key"].rpartition("|cfg=")[2] if "|cfg=" in row["key"] else ""
+    """A digest of the row's full config without its seed, so that the seeds of one setting share a row."""
+    config = {k: v for k, v in row.items() if k.startswith("cfg_") and k != "cfg_seed"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _group(rows: Sequence[dict]) -> dict:

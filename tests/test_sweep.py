@@ -126,3 +126,15 @@ def test_sweep_refuses_results_of_another_cache(tmp_path):
     sw.sweep(make_store(tmp_path / "a.zarr"), out, **kw)
     with pytest.raises(PipelineError, match="another cache"):
         sw.sweep(make_store(tmp_path / "b.zarr", seed=1, n_train=9), out, **kw)
+
+
+def test_results_md_averages_the_seeds_of_one_setting(tmp_path):
+    store = make_store(tmp_path / "f.zarr")
+    out = tmp_path / "sweep"
+    args = [str(store), "-o", str(out), "--contamination", "0", "--overlap", "no-overlap", "--methods", "knn",
+            "--seeds", "0,1,2"]
+    assert CliRunner().invoke(sweep_cmd, args).exit_code == 0
+    md = (out / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| knn |")]
+    assert len(rows) == 2  # one row per table (AUROC, AUPRO/F1), not one per seed
+    assert "cfg" not in rows[0] and "±" in rows[0]
