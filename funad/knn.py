@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .coreset import approximate_greedy_coreset, coreset_size
-from .data import FeatureSource, as_source
+from .data import FeatureSource, FeaturesLike, as_source
 from .errors import ConfigError, DataError, NotFittedError
 from .nn import BACKENDS, NNIndex
 
@@ -51,8 +51,6 @@ _CHUNK_IMAGES = 64
 DEFAULT_CORESET_RATIO = 0.1
 # b of PatchCore's image-score reweighting (anomalib's default).
 DEFAULT_REWEIGHT_NEIGHBOURS = 9
-
-FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
 
 
 def _iter_chunks(source: FeatureSource, chunk: int = _CHUNK_IMAGES):
