@@ -40,9 +40,8 @@ import numpy as np
 import torch
 
 from .coreset import PROJECTION_DIM, approximate_greedy_coreset, coreset_size, project
-from .data import as_source
+from .data import FeaturesLike, as_source
 from .errors import ConfigError, DataError
-from .data import FeaturesLike
 from .knn import DEFAULT_CORESET_RATIO, KNNScorer, _checked_bank, gather_bank
 
 logger = logging.getLogger(__name__)
