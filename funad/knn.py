@@ -33,7 +33,7 @@ one-class methods collapse in the overlap setting.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch

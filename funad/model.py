@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from .memory_bank import (ScoredImages, bank_candidates, draw_pool, gather_adapt
 from .nn import NNIndex
 from .ops import autocast, images_per_chunk
 from .perturb import draw_noise
+from .train_stats import Clock, Diagnostics, EpochStats
 from .train_step import make_targets, optimise
 
 logger = logging.getLogger(__name__)
@@ -32,72 +32,6 @@ logger = logging.getLogger(__name__)
 # Adapted features of all training images are kept between the scoring pass
 # and the bank/batch (saving one adaptor pass) when they take at most this much.
 KEEP_ADAPTED_BYTES = 8 * 2**30
-
-
-class _Clock:
-    """Adds wall time per phase; synchronises CUDA so phases are not mixed up."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.totals = {"bank": 0.0, "search": 0.0, "step": 0.0}
-        self.sync()
-        self.last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        self.sync()
-        now = time.perf_counter()
-        self.totals[phase] += now - self.last
-        self.last = now
-
-
-class _Diagnostics:
-    """Labels used only to *report* bank purity and pseudo-label quality."""
-
-    def __init__(self, given: Optional[dict], n_images: int, n_patches: int) -> None:
-        self.image_labels = self.patch_labels = None
-        if not given:
-            return
-        unknown = sorted(set(given) - {"image_labels", "patch_labels"})
-        if unknown:
-            raise DataError(f"unknown diagnostics {unknown}; expected 'image_labels' and/or 'patch_labels'")
-        if given.get("image_labels") is not None:
-            self.image_labels = torch.as_tensor(np.asarray(given["image_labels"])).long()
-            if tuple(self.image_labels.shape) != (n_images,):
-                raise DataError(f"diagnostics image_labels must have shape ({n_images},), "
-                                f"got {tuple(self.image_labels.shape)}")
-        if given.get("patch_labels") is not None:
-            self.patch_labels = torch.as_tensor(np.asarray(given["patch_labels"])).bool()
-            if tuple(self.patch_labels.shape) != (n_images, n_patches):
-                raise DataError(f"diagnostics patch_labels must have shape ({n_images}, {n_patches}), "
-                                f"got {tuple(self.patch_labels.shape)}")
-
-
-class _EpochStats:
-    """Per-epoch sums; device tensors are read back once per epoch."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.sums: dict[str, Any] = {"loss": 0.0, "loss_bce": 0.0, "loss_ms": 0.0,
-                                     "n_pseudo_anomalies": 0.0, "n_ambiguous": 0.0}
-        self.n_pairs = 0
-        self.bank_images = self.bank_patches = 0
-        self.purity: list[float] = []
-        self.tp = self.fp = self.fn = 0
-
-    def record(self, epoch: int, times: dict) -> dict:
-        out: dict[str, Any] = {"epoch": epoch}
-        for key, value in self.sums.items():
-            out[key] = float(value) / self.steps
-        out["n_pairs"] = self.n_pairs / self.steps
-        out["bank_images"], out["bank_patches"] = self.bank_images, self.bank_patches
-        out.update({f"time_{k}": v for k, v in times.items()})
-        if self.purity:
-            out["bank_purity"] = float(np.mean(self.purity))
-        return out
-
-
-def _ratio(num: int, den: int) -> Optional[float]:
-    return num / den if den else None
 
 
 class FunAD:
@@ -152,7 +86,7 @@ class FunAD:
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         device = torch.device(device) if device is not None else source_device(source)
-        diag = _Diagnostics(diagnostics, n, p)
+        diag = Diagnostics(diagnostics, n, p)
         if diag.patch_labels is not None:
             diag.patch_labels = diag.patch_labels.to(device)
 
@@ -173,7 +107,7 @@ class FunAD:
         epochs = cfg.epochs_for(n)
 
         for epoch in range(start_epoch, epochs):
-            stats, clock = _EpochStats(), _Clock(device)
+            stats, clock = EpochStats(), Clock(device)
             order = torch.randperm(n, generator=host_gen).numpy()
             for step in range(steps):
                 batch_idx = order[step * batch:(step + 1) * batch]
@@ -204,9 +138,9 @@ class FunAD:
                 step_losses = optimise(net, opt, f, targets, cfg, draw_noise(f, noise_gen))
                 clock.lap("step")
 
-                self._accumulate(stats, step_losses, targets, diag, batch_idx, positions)
+                stats.add(step_losses, targets, diag, batch_idx, positions)
 
-            record = self._record(stats, epoch + 1, clock.totals, diag)
+            record = stats.record(epoch + 1, clock.totals, diag)
             if not np.isfinite(record["loss"]):
                 raise DivergedError(f"the training loss became {record['loss']} in epoch {epoch + 1}; "
                                     f"lower lr (now {cfg.lr}) or check the features for NaN or inf values")
@@ -219,7 +153,7 @@ class FunAD:
         return self
 
     def _rebuild_bank(self, net: LocalNet, source: FeatureSource, device: torch.device, keep_adapted: bool,
-                      host_gen: torch.Generator, nn_backend: str, stats: _EpochStats, diag: _Diagnostics,
+                      host_gen: torch.Generator, nn_backend: str, stats: EpochStats, diag: Diagnostics,
                       epoch: int) -> tuple[ScoredImages, NNIndex, Optional[torch.Tensor]]:
         """Step 1 (IRMB): score, choose candidates, sample the bank; returns (scores, index, bank row ids)."""
         cfg = self.config
@@ -243,33 +177,6 @@ class FunAD:
         if diag.image_labels is not None:
             stats.purity.append(float((diag.image_labels[images_in_bank] == 0).float().mean()))
         return scored, index, bank_ids
-
-    @staticmethod
-    def _accumulate(stats: _EpochStats, step_losses, targets, diag: _Diagnostics, batch_idx: np.ndarray,
-                    positions: torch.Tensor) -> None:
-        stats.steps += 1
-        for key, value in (("loss", step_losses.loss), ("loss_bce", step_losses.loss_bce),
-                           ("loss_ms", step_losses.loss_ms), ("n_pseudo_anomalies", targets.y.sum()),
-                           ("n_ambiguous", targets.amb.sum())):
-            stats.sums[key] = stats.sums[key] + value.detach()
-        stats.n_pairs += int(targets.pairs.shape[0])
-        if diag.patch_labels is not None:
-            # Counted on the device; read back once per epoch (no per-step host sync).
-            truth = diag.patch_labels[torch.as_tensor(batch_idx, device=diag.patch_labels.device)]
-            truth = truth[:, positions.to(truth.device)]
-            truth, pred = truth.flatten(), targets.y.detach().bool()
-            stats.tp = stats.tp + (pred & truth).sum()
-            stats.fp = stats.fp + (pred & ~truth).sum()
-            stats.fn = stats.fn + (~pred & truth).sum()
-
-    @staticmethod
-    def _record(stats: _EpochStats, epoch: int, times: dict, diag: _Diagnostics) -> dict:
-        record = stats.record(epoch, times)
-        if diag.patch_labels is not None:
-            tp, fp, fn = int(stats.tp), int(stats.fp), int(stats.fn)
-            record["pseudo_precision"] = _ratio(tp, tp + fp)
-            record["pseudo_recall"] = _ratio(tp, tp + fn)
-        return record
 
     # ------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, net: LocalNet, opt: torch.optim.Optimizer, host_gen: torch.Generator,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 from typing import Union
 
-import numpy as np
 import torch
 
 from .coreset import PROJECTION_DIM, approximate_greedy_coreset, coreset_size, project

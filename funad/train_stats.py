@@ -1,0 +1,98 @@
+"""What a fit reports per epoch: losses, counts, phase times, and label diagnostics that nothing acts upon."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+
+class Clock:
+    """Adds wall time per phase; synchronises CUDA so phases are not mixed up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals = {"bank": 0.0, "search": 0.0, "step": 0.0}
+        self.sync()
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
+
+
+class Diagnostics:
+    """Labels used only to *report* bank purity and pseudo-label quality.
+
+    Args:
+        given: {"image_labels": (n_images,) 0/1, "patch_labels": (n_images, n_patches) 0/1}, or None.
+    """
+
+    def __init__(self, given: Optional[dict], n_images: int, n_patches: int) -> None:
+        self.image_labels = self.patch_labels = None
+        if not given:
+            return
+        unknown = sorted(set(given) - {"image_labels", "patch_labels"})
+        if unknown:
+            raise DataError(f"unknown diagnostics {unknown}; expected 'image_labels' and/or 'patch_labels'")
+        if given.get("image_labels") is not None:
+            self.image_labels = torch.as_tensor(np.asarray(given["image_labels"])).long()
+            if tuple(self.image_labels.shape) != (n_images,):
+                raise DataError(f"diagnostics image_labels must have shape ({n_images},), "
+                                f"got {tuple(self.image_labels.shape)}")
+        if given.get("patch_labels") is not None:
+            self.patch_labels = torch.as_tensor(np.asarray(given["patch_labels"])).bool()
+            if tuple(self.patch_labels.shape) != (n_images, n_patches):
+                raise DataError(f"diagnostics patch_labels must have shape ({n_images}, {n_patches}), "
+                                f"got {tuple(self.patch_labels.shape)}")
+
+
+class EpochStats:
+    """Per-epoch sums; device tensors are read back once per epoch (no per-step host sync)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums: dict[str, Any] = {"loss": 0.0, "loss_bce": 0.0, "loss_ms": 0.0,
+                                     "n_pseudo_anomalies": 0.0, "n_ambiguous": 0.0}
+        self.n_pairs = 0
+        self.bank_images = self.bank_patches = 0
+        self.purity: list[float] = []
+        self.tp = self.fp = self.fn = 0
+
+    def add(self, step_losses, targets, diag: Diagnostics, batch_idx: np.ndarray, positions: torch.Tensor) -> None:
+        """Count one step: its ``train_step.Losses`` and ``Targets``; pseudo-label quality when labels are given."""
+        self.steps += 1
+        for key, value in (("loss", step_losses.loss), ("loss_bce", step_losses.loss_bce),
+                           ("loss_ms", step_losses.loss_ms), ("n_pseudo_anomalies", targets.y.sum()),
+                           ("n_ambiguous", targets.amb.sum())):
+            self.sums[key] = self.sums[key] + value.detach()
+        self.n_pairs += int(targets.pairs.shape[0])
+        if diag.patch_labels is not None:
+            truth = diag.patch_labels[torch.as_tensor(batch_idx, device=diag.patch_labels.device)]
+            truth = truth[:, positions.to(truth.device)]
+            truth, pred = truth.flatten(), targets.y.detach().bool()
+            self.tp = self.tp + (pred & truth).sum()
+            self.fp = self.fp + (pred & ~truth).sum()
+            self.fn = self.fn + (~pred & truth).sum()
+
+    def record(self, epoch: int, times: dict, diag: Diagnostics) -> dict:
+        """The epoch's record for ``FunAD.fit``'s callback (see its docstring for the keys)."""
+        out: dict[str, Any] = {"epoch": epoch}
+        for key, value in self.sums.items():
+            out[key] = float(value) / self.steps
+        out["n_pairs"] = self.n_pairs / self.steps
+        out["bank_images"], out["bank_patches"] = self.bank_images, self.bank_patches
+        out.update({f"time_{k}": v for k, v in times.items()})
+        if self.purity:
+            out["bank_purity"] = float(np.mean(self.purity))
+        if diag.patch_labels is not None:
+            tp, fp, fn = int(self.tp), int(self.fp), int(self.fn)
+            out["pseudo_precision"] = tp / (tp + fp) if tp + fp else None
+            out["pseudo_recall"] = tp / (tp + fn) if tp + fn else None
+        return out
