@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=784, help="patches per image")
     parser.add_argument("--d", type=int, default=768, help="feature dimension")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--presets", default="paper,fast", help="which presets to time (comma-separated)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -194,17 +195,20 @@ def main() -> None:
     print("- FLOPs: Local-Net forward 2(D^2 + 1024D + 1024*128 + 128) per patch, backward = 2x forward; "
           "search 2*Q*M*D; pairs 2*Q^2*D (Q = batch patches, M = bank rows)")
 
-    paper, info = run_preset("paper", args, source, device)
-    t_paper = table(f"`--preset paper` (faithful): one iteration; bank {info['bank_rows']} rows, "
-                    f"{info['pairs']} mutual pairs", paper, peak)
-    fast, finfo = run_preset("fast", args, source, device)
-    t_fast = table(f"`--preset fast`: mean iteration, one bank rebuild per {finfo['cycle']} steps "
-                   f"(a step with and one without a rebuild, weighted 1 : {finfo['cycle'] - 1}); "
-                   f"bank {finfo['bank_rows']} rows", fast, peak)
-    steps = args.n // 32
-    print(f"\n- fast / paper iteration time: {t_fast / t_paper:.2f} (speed-up {t_paper / t_fast:.1f}x); "
-          f"epoch = {steps} iterations -> paper {steps * t_paper:.1f} s/epoch")
-
+    times = {}
+    for name in args.presets.split(","):
+        phases, info = run_preset(name, args, source, device)
+        cfg = preset(name)
+        iters = cfg.epochs_for(args.n) * (args.n // 32)
+        title = (f"`--preset {name}`: mean iteration, one bank rebuild per {info['cycle']} steps (a step with and one "
+                 f"without a rebuild, weighted 1 : {info['cycle'] - 1}); bank {info['bank_rows']} rows, "
+                 f"{info['pairs']} mutual pairs")
+        times[name] = table(title, phases, peak)
+        print(f"\n- a whole `{name}` fit of N={args.n} images is {iters} iterations: about "
+              f"{iters * times[name]:.0f} s at this rate (an estimate from the mean iteration)")
+    if "paper" in times and "fast" in times:
+        print(f"\n- fast / paper iteration time: {times['fast'] / times['paper']:.3f} "
+              f"(speed-up {times['paper'] / times['fast']:.1f}x)")
 
 if __name__ == "__main__":
     main()
