@@ -76,7 +76,7 @@ def _row_label(row: dict) -> str:
 
 def _config_digest(row: dict) -> str:
     """A digest of the row's full config without its seed, so that the seeds of one setting share a row."""
-    config = {k: v for k, v in row.items() if k.startswith("cfg_") and k != "cfg_seed"}
+    config = {k: v for k, v in row.items() if k.startswith("cfg_") and k != "cfg_seed" and v not in ("", None)}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
