@@ -166,7 +166,7 @@ def write_plot(path: Path, rows: Sequence[dict]) -> None:
                 xs = sorted(by_ratio)
                 stats = [_mean_std(by_ratio[x][metric]) for x in xs]
                 ax.errorbar([100 * x for x in xs], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
-                            marker="o", capsize=3, label=label)
+                            marker="o", capsize=3, label=label, color=f"C{labels.index(label) % 10}")
             ax.set_title(f"{name}, {'overlap' if overlap else 'no overlap'}")
             ax.set_xlabel("contamination (anomaly-to-normal, %)")
             ax.set_ylabel(f"{name} (%)")
