@@ -48,6 +48,7 @@ test-slow: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_extract.py > benchmarks/results/extract.md
 	$(BIN)/python benchmarks/bench_fit.py > benchmarks/results/fit.md
+	$(BIN)/python benchmarks/bench_fit.py --n 1000 --presets fast > benchmarks/results/scale.md
 	$(BIN)/python benchmarks/bench_nn.py >> benchmarks/results/fit.md
 	$(BIN)/python benchmarks/bench_residency.py > benchmarks/results/fit-pipeline.md
 	$(BIN)/python benchmarks/bench_predict.py > benchmarks/results/predict.md
