@@ -86,6 +86,7 @@ def create(
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise CacheExistsError(f"{path} already exists; open it with mode 'a' to resume, "
                                "or pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives beside the store
     lock = WriterLock(path)  # before touching an existing store: its writer may still be running
     try:
         if path.exists() or path.is_symlink():

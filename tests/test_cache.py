@@ -555,3 +555,11 @@ def test_a_format_1_store_is_read_without_checksums_and_not_written(tmp_path):
     with pytest.raises(cache.CorruptCacheError, match=r"older funad \(cache format 1\).*--overwrite"):
         cache.open(path, "a")
     assert not cache.lock_path(path).exists()
+
+
+def test_create_in_a_folder_that_does_not_exist_yet(tiny_store):
+    """`make demo` writes demo_out/bottle.zarr into a fresh checkout: the lock file needs the folder first."""
+    for name in ("new/deeper/feats.zarr", "new2/feats.h5"):
+        path = tiny_store(name)
+        with cache.open(path) as store:
+            assert store.complete.all()
