@@ -24,13 +24,15 @@ venv: $(VENV)/.installed
 # backbone (see ../shared/weights/README.md): extract once (resumes if
 # interrupted), fit FUN-AD with 10% of the test anomalies mixed unlabelled into
 # training, and evaluate on the rest. Open $(DEMO)/report/overview.png.
+# fp32: this project's CPUs have no AVX512-BF16, and bf16 autocast ran about
+# 7x slower than fp32 there (benchmarks/results/fit.md, Local-Net forward).
 WEIGHTS := $(SHARED)/weights/vit_small_patch14_dinov2.imgfocus.safetensors
 
 demo: venv
 	@test -d $(SHARED)/data/mvtec_ad/bottle || { echo "demo needs $(SHARED)/data beside the checkout (set SHARED=...)"; exit 1; }
 	$(BIN)/funad extract $(SHARED)/data/mvtec_ad/bottle -o $(DEMO)/bottle.zarr \
 	    --dataset mvtec --backbone vit_small_patch14_dinov2 --weights $(WEIGHTS) \
-	    --layer 7 --image-size 392
+	    --layer 7 --image-size 392 --precision fp32
 	$(BIN)/funad cache info $(DEMO)/bottle.zarr
 	@# Fit once; an interrupted fit resumes, a finished one is kept.
 	@if [ -f $(DEMO)/model/model.safetensors ]; then echo "$(DEMO)/model is already fitted (rm -r it to re-fit)"; \
