@@ -82,6 +82,33 @@ def test_round_trip(tmp_path, name):
         assert store.indices(split="test").tolist() == [4]
 
 
+def test_compressed_rows_written_around_zarr_are_zarr_chunks(tmp_path):
+    """Masks and previews are written and read as zstd chunk files without zarr's pipeline: zarr itself
+    must read what we write, we must read what zarr writes, and an empty mask leaves no chunk file."""
+    import zarr
+
+    rng = np.random.default_rng(1)
+    masks = rng.integers(0, 2, size=(4, 8, 6)).astype(np.uint8)
+    masks[2] = 0
+    previews = rng.integers(0, 256, size=(4, 4, 4, 3), dtype=np.uint8)
+    path = tmp_path / "s.zarr"
+    with _create(path) as store:
+        patches, cls = _tokens(0)
+        store.write_batch(range(4), patch_tokens=np.stack([patches] * 4), class_tokens=np.stack([cls] * 4),
+                          masks=masks, previews=previews)
+    np.testing.assert_array_equal(zarr.open_array(str(path / "masks"), mode="r")[:], masks)
+    np.testing.assert_array_equal(zarr.open_array(str(path / "previews"), mode="r")[:], previews)
+    assert not (path / "masks/c.2.0.0").exists() and (path / "masks/c.1.0.0").is_file()
+
+    # the other way: rows written by zarr's own pipeline (as earlier funad versions did) read back the same
+    other = rng.integers(0, 2, size=(8, 6)).astype(np.uint8)
+    zarr.open_array(str(path / "masks"), mode="r+")[1] = other
+    with cache.open(path) as store:
+        got = np.zeros((1, 8, 6), np.uint8)
+        store._b.read_rows("masks", 1, 2, got)
+    np.testing.assert_array_equal(got[0], other)
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_float32_is_exact_and_float16_overflow_is_refused(tmp_path, name):
     patches, cls = _tokens(0)
