@@ -31,9 +31,10 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on CPU, 64 on GPU].")
-@click.option("--precision", type=click.Choice(_PRECISIONS), default="bf16", show_default=True,
-              help="Autocast precision of the forward pass. bf16 ran 1.3-1.6x faster than fp32 on an AVX512-BF16 CPU, "
-                   "with tokens within 1% of fp32's (benchmarks/results/extract.md).")
+@click.option("--precision", type=click.Choice(("auto", *_PRECISIONS)), default="auto", show_default=True,
+              help="Autocast precision of the forward pass. auto: an existing store's own; else bf16 on a GPU or on "
+                   "a CPU with native bf16 (AVX512-BF16/AMX), where it ran 1.3-1.6x faster than fp32 with tokens "
+                   "within 1% (benchmarks/results/extract.md); else fp32 (emulated bf16 ran ~7x slower).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
               help="Store format [default: from the output's suffix, else zarr].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,

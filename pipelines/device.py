@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 
 from .errors import PipelineError
+
+# CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic. Without one, autocast to bf16
+# emulates it and ran the backbone about 7x slower than fp32 on this project's AVX2 CPUs
+# (benchmarks/results/fit.md); with one it ran 1.3-1.6x faster (benchmarks/results/extract.md).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -17,3 +25,32 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU lists AVX512-BF16 or AMX-BF16 (False where /proc/cpuinfo is absent)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def auto_precision(device: torch.device, recorded: Optional[str] = None) -> str:
+    """The backbone's autocast precision for ``--precision auto``.
+
+    ``recorded`` (the precision an existing store was extracted with) wins, so
+    a resumed store stays consistent. Otherwise: bf16 on a CUDA device that
+    supports it (else fp16); on the CPU bf16 only with native bf16 arithmetic
+    (:data:`BF16_CPU_FLAGS`), else fp32.
+    """
+    if recorded:
+        return recorded
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"

@@ -34,7 +34,7 @@ from funad import cache
 from .backbone import Backbone, BackboneSpec, known_metadata, load_backbone
 from .datasets import Sample, detect_kind, read_dataset
 from . import distributed
-from .device import resolve_device
+from .device import auto_precision, resolve_device
 from .errors import DatasetError, PipelineError
 from .extract_io import BatchWriter, ImageDataset, collate
 from .progress import NullProgress, Progress
@@ -95,7 +95,7 @@ def extract(
     backbone: Union[BackboneSpec, Backbone] = BackboneSpec(),
     device: str = "auto",
     batch_size: Optional[int] = None,
-    precision: str = "bf16",
+    precision: str = "auto",
     format: Optional[str] = None,
     dtype: str = "float16",
     num_workers: Optional[int] = None,
@@ -109,7 +109,9 @@ def extract(
         data: dataset folder; ``dataset`` names its layout (``auto`` detects it).
         output: the store (zarr directory, or HDF5 for a ``.h5`` suffix / ``format="hdf5"``).
         backbone: what to load (:class:`BackboneSpec`) or an already loaded :class:`Backbone`.
-        device: ``auto``, ``cpu`` or ``cuda``; ``precision``: autocast ``fp32``, ``bf16`` or ``fp16``.
+        device: ``auto``, ``cpu`` or ``cuda``; ``precision``: autocast ``fp32``, ``bf16`` or ``fp16``,
+            or ``auto`` (:func:`funad.pipelines.device.auto_precision`: an existing store's own, else
+            bf16 on a GPU or a CPU with native bf16, else fp32).
             Both apply when ``backbone`` is a spec; a loaded Backbone keeps its own.
         batch_size: images per forward pass (None: :func:`default_batch_size`).
         dtype: ``float16`` (default) or ``float32`` for the stored tokens.
@@ -150,7 +152,12 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
-        if not overwrite and (output.exists() or output.is_symlink()):
+        exists = not overwrite and (output.exists() or output.is_symlink())
+        if precision == "auto":
+            precision = auto_precision(distributed.rank_device(resolve_device(device), group),
+                                       _recorded_precision(output, format) if exists else None)
+            logger.info("--precision auto: %s", precision)
+        if exists:
             # refuse a store made with other settings before spending time on loading the backbone
             group.leader_runs(lambda: _precheck(output, format, {**known_metadata(backbone, precision),
                                                                  "dtype": dtype}, records))
@@ -180,6 +187,12 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         logger.info("%s: %d ranks wrote %d images (%d skipped) in %.1f s, %.2f images/s", output, group.world,
                     written, skipped, total.seconds, total.images_per_second)
     return total
+
+
+def _recorded_precision(output: Path, format: Optional[str]) -> Optional[str]:
+    """The precision an existing store was extracted with (None when it records none)."""
+    with cache.open(output, "r", format=format) as existing:
+        return existing.attrs.get("precision")
 
 
 def _precheck(output: Path, format: Optional[str], requested: dict, records: list[dict]) -> None:

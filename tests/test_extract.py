@@ -211,6 +211,43 @@ def test_changed_settings_are_refused_before_the_backbone_loads(tmp_path, bb, mo
         extract(data, out, backbone=BackboneSpec(TINY, image_size=SIZE, pretrained=False), precision="bf16")
 
 
+def test_auto_precision_follows_the_store_then_the_hardware(tmp_path, monkeypatch):
+    """--precision auto resumes a store in its recorded precision (no mismatch), and on a new store
+    picks bf16 only where the CPU has native bf16 arithmetic."""
+    import torch
+
+    from funad.pipelines import device as device_module
+    from funad.pipelines import extract as extract_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not device_module.cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert device_module.cpu_has_native_bf16(cpuinfo)
+    assert not device_module.cpu_has_native_bf16(tmp_path / "absent")
+    cpu = torch.device("cpu")
+    assert device_module.auto_precision(cpu, recorded="bf16") == "bf16"
+
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    spec = BackboneSpec(TINY, image_size=SIZE, pretrained=False)
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda native=native: native)
+        out = tmp_path / f"{expected}.zarr"
+        extract(data, out, backbone=spec, device="cpu", precision="auto", num_workers=0)
+        with cache.open(out) as store:
+            assert store.attrs["precision"] == expected
+    # resuming the bf16 store on a machine without native bf16: auto keeps bf16, fp32 is refused
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    loads = []
+    real_load = extract_module.load_backbone
+    monkeypatch.setattr(extract_module, "load_backbone",
+                        lambda *a, **k: loads.append(k["precision"]) or real_load(*a, **k))
+    result = extract(data, tmp_path / "bf16.zarr", backbone=spec, device="cpu", precision="auto", num_workers=0)
+    assert result.written == 0 and loads == ["bf16"]
+    with pytest.raises(cache.CacheMismatchError, match=r"precision: store has 'bf16', this run asks for 'fp32'"):
+        extract(data, tmp_path / "bf16.zarr", backbone=spec, device="cpu", precision="fp32", num_workers=0)
+
+
 def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path, bb):
     data = make_mvtec(tmp_path / "data")
     (data / "train/good/004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
