@@ -122,6 +122,29 @@ def raw_bandwidth(where: Path, n: int, image_bytes: int) -> tuple[float, float]:
     return write, read
 
 
+def file_create_cost(where: Path, n: int = 400) -> float:
+    """Seconds to create one small file as the zarr store writes a chunk (a temporary name, 64 bytes, renamed
+    into place), averaged over ``n`` files in one folder: the per-file floor of a one-chunk-per-image layout."""
+    folder = where / "create-cost"
+    folder.mkdir()
+    data = b"x" * 64
+    start = time.perf_counter()
+    for i in range(n):
+        tmp = folder / f"c.{i}.tmp"
+        with open(tmp, "wb", buffering=0) as fh:
+            fh.write(data)
+        os.replace(tmp, folder / f"c.{i}")
+    sync_to_disk(folder)
+    secs = (time.perf_counter() - start) / n
+    shutil.rmtree(folder)
+    return secs
+
+
+def chunk_files(path: Path) -> int:
+    """Files under a zarr store that hold chunks (everything but the zarr.json metadata)."""
+    return sum(1 for _, _, fs in os.walk(path) for f in fs if f != "zarr.json")
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -239,6 +262,8 @@ def main() -> None:
                 for w in args.writers:
                     path = base / ("s.zarr" if fmt == "zarr" else "s.h5")
                     secs, cpu = store_write(path, fmt, n, p, c, w, args.side)
+                    if fmt == "zarr":
+                        files_per_image = chunk_files(path) / n
                     drop_from_page_cache(path)
                     rsecs = store_read(path)
                     wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
@@ -252,6 +277,14 @@ def main() -> None:
                         cost[fmt] = (store_read(path, checked=False), store_read(path, checked=True))
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             print()
+            if "zarr" in args.formats:
+                create = file_create_cost(base)
+                print(f"Creating one file (64 B under a temporary name, renamed into place, synced) costs "
+                      f"{1e3 * create:.2f} ms on this filesystem. The zarr store writes {files_per_image:.1f} files "
+                      f"per image (one chunk per image and array, so that ranks never share a file), so file "
+                      f"creation alone costs {1e3 * create * files_per_image:.1f} ms per image: at most "
+                      f"{1 / (create * files_per_image):.0f} images/s per writer, against the "
+                      f"{1e3 * image_bytes / raw_w:.2f} ms in which the raw file takes an image's bytes.\n")
             for fmt, (plain, checked) in cost.items():
                 print(f"Checksum check, {fmt}, reads from the page cache: {n * image_bytes / plain / 1e6:.0f} MB/s "
                       f"without, {n * image_bytes / checked / 1e6:.0f} MB/s with: {100 * (checked / plain - 1):+.1f}% "
