@@ -46,6 +46,7 @@ class FunADConfig:
     bank_pool: Optional[int] = None  # each rebuild scores at most this many randomly drawn images (paper: all)
     bank_rule: str = "minmax"  # bank candidates: Ŝ < τ_b after min-max (paper), or "rank": the τ_b share scoring lowest
     max_iterations: Optional[int] = None  # cap on epochs x steps: fewer epochs on large training sets (paper: none)
+    ema: Optional[float] = None  # keep an exponential moving average of the Local-Net weights with this decay and use it for inference (paper: none, the last weights)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -70,6 +71,7 @@ class FunADConfig:
         check(self.bank_rule in BANK_RULES, f"bank_rule must be one of {list(BANK_RULES)}, got {self.bank_rule!r}")
         check(self.max_iterations is None or self.max_iterations >= 1,
               f"max_iterations must be >= 1 or None, got {self.max_iterations}")
+        check(self.ema is None or 0.0 <= self.ema < 1.0, f"ema must lie in [0, 1) or be None, got {self.ema}")
 
     @property
     def exclude_self_by(self) -> str:

@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 KEEP_ADAPTED_BYTES = 8 * 2**30
 
 
+@torch.no_grad()
+def update_average(averaged: LocalNet, net: LocalNet, decay: float) -> None:
+    """One step of the weights' exponential moving average: a <- decay * a + (1 - decay) * w."""
+    for a, w in zip(averaged.parameters(), net.parameters()):
+        a.lerp_(w, 1.0 - decay)
+
+
 class FunAD:
     """FUN-AD anomaly detector on patch features (n_images, n_patches, dim).
 
@@ -94,12 +101,14 @@ class FunAD:
         opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         host_gen = torch.Generator().manual_seed(cfg.seed + 1)  # shuffling, bank and patch sampling
         noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # perturbation noise
+        # The weights kept for inference: the last ones, or their moving average (training always uses ``net``).
+        averaged = None if cfg.ema is None else copy.deepcopy(net).requires_grad_(False)
         start_epoch = 0
         if checkpoint is not None:
-            start_epoch = self._resume(checkpoint, net, opt, host_gen, noise_gen, n, p, dim)
+            start_epoch = self._resume(checkpoint, net, opt, host_gen, noise_gen, n, p, dim, averaged)
         pool_all = cfg.bank_pool is None or cfg.bank_pool >= n
         # Set now so that a per-epoch callback can score with the current weights.
-        self.net_, self.dim_, self.n_patches_, self.device_ = net, dim, p, device
+        self.net_, self.dim_, self.n_patches_, self.device_ = (net if averaged is None else averaged), dim, p, device
         keep_adapted = min(n, cfg.bank_pool or n) * p * dim * 4 <= KEEP_ADAPTED_BYTES
         by_identity = cfg.exclude_self_by == "identity"
         patch_ids = torch.arange(p, device=device)
@@ -136,6 +145,8 @@ class FunAD:
                 clock.lap("search")
 
                 step_losses = optimise(net, opt, f, targets, cfg, draw_noise(f, noise_gen))
+                if averaged is not None:
+                    update_average(averaged, net, cfg.ema)
                 clock.lap("step")
 
                 stats.add(step_losses, targets, diag, batch_idx, positions)
@@ -148,7 +159,7 @@ class FunAD:
             if callback is not None:
                 callback(record)
             if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-                on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim))
+                on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim, averaged))
 
         return self
 
@@ -180,8 +191,11 @@ class FunAD:
 
     # ------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, net: LocalNet, opt: torch.optim.Optimizer, host_gen: torch.Generator,
-                          noise_gen: torch.Generator, epoch: int, n: int, p: int, dim: int) -> dict:
-        return {
+                          noise_gen: torch.Generator, epoch: int, n: int, p: int, dim: int,
+                          averaged: Optional[LocalNet] = None) -> dict:
+        extra = {} if averaged is None else {"ema_net": {k: v.detach().cpu().clone()
+                                                         for k, v in averaged.state_dict().items()}}
+        return {**extra,
             "epoch": epoch,
             "config": self.config.to_dict(),
             "n_images": n, "n_patches": p, "dim": dim,
@@ -192,7 +206,7 @@ class FunAD:
         }
 
     def _resume(self, state: dict, net: LocalNet, opt: torch.optim.Optimizer, host_gen: torch.Generator,
-                noise_gen: torch.Generator, n: int, p: int, dim: int) -> int:
+                noise_gen: torch.Generator, n: int, p: int, dim: int, averaged: Optional[LocalNet] = None) -> int:
         missing = sorted({"epoch", "config", "net", "optimizer", "host_rng", "noise_rng"} - set(state))
         if missing:
             raise DataError(f"checkpoint lacks {missing}; pass a state produced by fit(on_checkpoint=...)")
@@ -208,6 +222,8 @@ class FunAD:
                 raise DataError(f"checkpoint was written for {key}={state[key]}, the features have "
                                 f"{key}={value}; resume on the same training set")
         net.load_state_dict(state["net"])
+        if averaged is not None:
+            averaged.load_state_dict(state["ema_net"])
         opt.load_state_dict(state["optimizer"])
         host_gen.set_state(state["host_rng"])
         noise_gen.set_state(state["noise_rng"])

@@ -112,7 +112,8 @@ def test_state_dict_round_trip_gives_identical_scores(fitted):
     assert loaded.config == model.config
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bank_every": 2, "batch_patches": 5, "bank_patches": 30}])
+@pytest.mark.parametrize("overrides", [{}, {"bank_every": 2, "batch_patches": 5, "bank_patches": 30},
+                                       {"ema": 0.9}])
 def test_resume_equals_uninterrupted(overrides):
     states = []
     full_records = []
@@ -212,3 +213,41 @@ def test_bank_pool_scores_a_sample_of_images():
     FunAD(small(epochs=2, bank_pool=10, r=1.0, tau_b=1.0)).fit(planted(), callback=records.append)
     # every pooled image but the top scorer is a candidate; never more than the pool
     assert all(1 <= r["bank_images"] <= 10 for r in records)
+
+
+def test_weight_average_leaves_training_alone_and_averages_the_steps():
+    """ema keeps a moving average for inference only: the trained weights (in the checkpoint) are those
+    of a fit without it, decay 0 is the last weights, and the average is the EMA of every step's weights."""
+    plain_states, ema_states, zero_states = [], [], []
+    plain = FunAD(small(epochs=2)).fit(planted(), on_checkpoint=plain_states.append)
+    FunAD(small(epochs=2, ema=0.8)).fit(planted(), on_checkpoint=ema_states.append)
+    zero = FunAD(small(epochs=2, ema=0.0)).fit(planted(), on_checkpoint=zero_states.append)
+    assert same_weights(plain_states[-1]["net"], ema_states[-1]["net"])
+    assert same_weights(weights(plain), weights(zero))
+    assert not same_weights(ema_states[-1]["net"], ema_states[-1]["ema_net"])
+
+    # the same average by hand, from the weights after every step (a spy on the optimiser's step)
+    from funad import train_step
+
+    seen = []
+    real = train_step.optimise
+
+    def spy(net, *args, **kwargs):
+        out = real(net, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return out
+
+    import funad.model as model_module
+    model_module.optimise = spy
+    try:
+        averaged = FunAD(small(epochs=2, ema=0.8)).fit(planted())
+    finally:
+        model_module.optimise = real
+    from funad.localnet import LocalNet
+    expected = LocalNet(D, generator=torch.Generator().manual_seed(0)).state_dict()
+    for step in seen:
+        expected = {k: 0.8 * expected[k] + 0.2 * step[k] for k in expected}
+    for k, v in weights(averaged).items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="ema must lie in"):
+        small(ema=1.0)
