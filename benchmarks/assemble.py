@@ -21,6 +21,7 @@ ORDER = [
     ("Speed: feature residency in fit", "fit-pipeline.md"),
     ("Speed: predict", "predict.md"),
     ("Speed: evaluation maths", "evaluation.md"),
+    ("Speed: PatchCore's coreset and scoring on the bottle bank", "coreset.md"),
     ("Storage: compression choice", "cache.md"),
     ("Storage: store against the raw disk", "store.md"),
 ]
