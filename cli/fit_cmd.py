@@ -40,7 +40,8 @@ def parse_sets(values: tuple[str, ...], method: str = "funad") -> tuple[tuple[st
 
 
 # Options that define the fit; on --resume those not given take the recorded value.
-_SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select")
+_SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select",
+                 "threshold_rule", "expected_contamination")
 
 
 def _show(value: Any) -> str:
@@ -107,6 +108,13 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
                    "coreset); default 0.1; 1 keeps the full bank.")
 @click.option("--select", default="final", show_default=True, type=click.Choice(["final", "oracle"]),
               help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
+@click.option("--threshold-rule", default="mad", show_default=True, type=click.Choice(["mad", "quantile", "otsu"]),
+              help="How the decision thresholds are chosen from the unlabelled training scores at the end of the "
+                   "fit: mad = median + 3 robust standard deviations, quantile = flag the --expected-contamination "
+                   "share of training images, otsu = Otsu's two-class split. Every rule's threshold is recorded.")
+@click.option("--expected-contamination", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
+              show_default=True, metavar="SHARE",
+              help="Share of the training images expected to be anomalous (used by --threshold-rule quantile).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
 @click.option("--keep-checkpoint", is_flag=True,
@@ -118,7 +126,7 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @user_errors
 def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
-        select: str, resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
+        select: str, threshold_rule: str, expected_contamination: float, resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
     \b
@@ -131,7 +139,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     from funad.pipelines.fit import FitSpec, fit as run_fit
 
     options = {"method": method, "preset": preset, "epochs": epochs, "seed": seed,
-               "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select}
+               "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select,
+               "threshold_rule": threshold_rule, "expected_contamination": expected_contamination}
     recorded = _recorded_options(model_dir) if resume else None
     if recorded:
         ctx = click.get_current_context()
@@ -146,7 +155,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
         raise click.BadParameter("applies to the baselines (e.g. --method knn) only", param_hint="--coreset-ratio")
     spec = FitSpec(method=options["method"], preset=options["preset"], overrides=overrides, epochs=options["epochs"],
                    seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
-                   coreset_ratio=options["coreset_ratio"], select=options["select"])
+                   coreset_ratio=options["coreset_ratio"], select=options["select"],
+                   threshold_rule=options["threshold_rule"], expected_contamination=options["expected_contamination"])
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
                          overwrite=overwrite, keep_checkpoint=keep_checkpoint, eval_every=eval_every,
@@ -157,6 +167,10 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
         f"{', preset ' + spec.preset if spec.method == 'funad' else ''}, {split['n_train']} training images, "
         f"{split['n_moved']} moved anomalies, {result.seconds:.1f} s)"
     )
+    thr = result.config.get("threshold")
+    if thr:
+        console.print(f"unlabelled thresholds ({thr['rule']} rule on {thr['training_scores']['image']['n']} training "
+                      f"images, no labels used): image {thr['image']:.6g}, pixel {thr['pixel']:.6g}")
     oracle = result.config.get("oracle")
     if oracle:
         console.print(f"[bold red]ORACLE selection: epoch {oracle['epoch']} was chosen with TEST labels (image "

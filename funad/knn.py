@@ -152,17 +152,22 @@ class KNNScorer:
             self.
         """
         self.check_params()
-        bank = gather_bank(as_source(features), self.device)
+        source = as_source(features)
+        bank = gather_bank(source, self.device)
         n_all = int(bank.shape[0])
         n_keep = coreset_size(n_all, self.coreset_ratio)
+        kept = torch.arange(n_all)
         if n_keep < n_all:
-            bank = bank.index_select(0, approximate_greedy_coreset(bank, n_keep, seed=self.seed)).contiguous()
+            kept = approximate_greedy_coreset(bank, n_keep, seed=self.seed)
+            bank = bank.index_select(0, kept).contiguous()
         logger.info("kNN memory bank: %d of %d training patches (D=%d)", bank.shape[0], n_all, bank.shape[1])
         self._set_bank(bank)
         self.n_train_patches_ = n_all
+        self.bank_owner_ = kept.cpu() // int(source.n_patches)
         return self
 
     def _set_bank(self, bank: torch.Tensor) -> None:
+        self.__dict__.pop("bank_owner_", None)  # set by fit only: a loaded bank's origin is unknown
         self.bank_ = bank.float().contiguous()
         self.dim_ = int(bank.shape[1])
         self.index_ = NNIndex(backend=self.backend, device=self.device).fit(self.bank_)
@@ -207,6 +212,56 @@ class KNNScorer:
             p, i = self._score_chunk(x, dist, idx)
             patches.append(p.cpu().numpy())
             images.append(i.cpu().numpy())
+        if not patches:
+            return (np.empty((0, as_source(features).n_patches), dtype=np.float32), np.empty(0, dtype=np.float32))
+        return (np.concatenate(patches).astype(np.float32, copy=False),
+                np.concatenate(images).astype(np.float32, copy=False))
+
+    def score_held_out(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the training images, each against the bank without its own patches.
+
+        A training image's patches (those the coreset kept) are in the bank,
+        so its plain score is about 0. Here image ``i`` of ``features`` (the
+        training features, in the order given to :meth:`fit`) is scored
+        against the bank rows that came from the other training images
+        (leave-one-image-out; the bank is not rebuilt without it, and the
+        image-score reweighting still looks at the whole bank). Exact
+        (brute-force) search. Only available right after :meth:`fit`.
+
+        Returns:
+            ``(patch_scores (n, P), image_scores (n,))`` float32, as :meth:`score`.
+        """
+        self._check_fitted()
+        owner = getattr(self, "bank_owner_", None)
+        if owner is None:
+            raise NotFittedError("held-out training scores need the bank's image of origin, known only right "
+                                 "after fit(); re-fit the model")
+        bank = self.bank_
+        owner = owner.to(bank.device)
+        bank_sq = (bank * bank).sum(dim=1)
+        rows_per_block = max(1, (1 << 24) // max(1, int(bank.shape[0])))
+        patches, images, image = [], [], 0
+        for x in _iter_chunks(as_source(features)):
+            x = x.to(bank.device)
+            if x.shape[-1] != self.dim_:
+                raise DataError(f"the bank was fitted on D={self.dim_} features, input has D={x.shape[-1]}")
+            for q in x:
+                if bool((owner == image).all()):
+                    raise DataError("leave-one-image-out scoring needs patches of at least two training images "
+                                    "in the bank")
+                sq, idx = [], []
+                for r in range(0, q.shape[0], rows_per_block):
+                    block = q[r:r + rows_per_block]
+                    d2 = (block * block).sum(dim=1, keepdim=True) - 2.0 * block @ bank.T + bank_sq
+                    d2[:, owner == image] = float("inf")
+                    m, i = d2.min(dim=1)
+                    sq.append(m)
+                    idx.append(i)
+                dist = torch.cat(sq).clamp_min(0.0).sqrt()[None]
+                p, s = self._score_chunk(q[None], dist, torch.cat(idx)[None])
+                patches.append(p.cpu().numpy())
+                images.append(s.cpu().numpy())
+                image += 1
         if not patches:
             return (np.empty((0, as_source(features).n_patches), dtype=np.float32), np.empty(0, dtype=np.float32))
         return (np.concatenate(patches).astype(np.float32, copy=False),

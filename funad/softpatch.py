@@ -190,6 +190,7 @@ class SoftPatchScorer(KNNScorer):
         self.outlier_scores_ = scores.reshape(n_images, n_patches).cpu()
         self.dropped_ = dropped.reshape(n_images, n_patches).cpu()
         self.n_train_patches_ = n_all
+        self.bank_owner_ = kept.cpu() // n_patches
         return self
 
     def _score_chunk(self, x: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 
 from funad import __version__, cache
 
-from . import modeldir
+from . import modeldir, thresholds
 from .checkpoints import Checkpointer, check_resume, checkpoint_epoch
 from .device import resolve_device
 from .errors import PipelineError
@@ -58,8 +58,11 @@ class FitSpec:
     overlap: bool = False
     coreset_ratio: Optional[float] = None
     select: str = "final"
+    threshold_rule: str = thresholds.DEFAULT_RULE
+    expected_contamination: float = thresholds.DEFAULT_EXPECTED_CONTAMINATION
 
     def __post_init__(self) -> None:
+        self.rule()  # raises ConfigError naming a bad --threshold-rule or --expected-contamination
         if self.method not in METHODS:
             raise PipelineError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
         if self.preset not in PRESETS:
@@ -72,6 +75,10 @@ class FitSpec:
             raise PipelineError(f"--coreset-ratio must lie in (0, 1], got {self.coreset_ratio}")
         if self.method != "funad" and self.select == "oracle":
             raise PipelineError(f"--select oracle applies to --method funad only ({self.method} has no epochs)")
+
+    def rule(self):
+        """The unlabelled threshold rule (:mod:`funad.pipelines.thresholds`)."""
+        return thresholds.rule_for(self.method, self.threshold_rule, self.expected_contamination)
 
     def model_config(self) -> dict:
         """The estimator's full config dict, as stored in config.json["config"]."""
@@ -206,11 +213,14 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         else:
             model.fit(source)
             state = model.state_dict()
+        if oracle_record is not None:
+            model.load_state_dict(state, device=dev)
+            config["oracle"] = {"warning": ORACLE_WARNING, **oracle_record}
+        # Decide without labels: thresholds from the training images' scores (no label is read).
+        config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, source, store.grid,
+                                                                     store.mask_size, spec.rule(), dev, progress)
 
     modeldir.save_weights(model_dir, state)
-    if oracle_record is not None:
-        model.load_state_dict(state, device=dev)
-        config["oracle"] = {"warning": ORACLE_WARNING, **oracle_record}
     config["complete"] = True
     config["fit_seconds"] = time.perf_counter() - start
     config["epochs_logged"] = len(modeldir.read_log(model_dir)) if spec.method == "funad" else 0

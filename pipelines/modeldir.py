@@ -28,6 +28,8 @@ Layout (DESIGN.md, "Model directory")::
                     ids index the cache's sample table; paths are its sample
                     paths (relative to the dataset root)
     selection       "final" (default) or "oracle" (chosen with test labels)
+    threshold       the unlabelled image and pixel thresholds, their rule and the
+                    training scores (funad.pipelines.thresholds)
     oracle          only with selection "oracle": {"warning", "epoch",
                     "image_auroc", "pixel_auroc", "mean", "curve"}
     options         the `funad fit` options (what --resume re-uses)

@@ -1,0 +1,159 @@
+"""Unlabelled decision thresholds: chosen at the end of ``funad fit``, reported by eval and sweep, used by predict.
+
+At the end of a fit the training images (unlabelled, possibly contaminated)
+are scored, and an image threshold and a pixel threshold are chosen from
+those scores with a rule of :mod:`funad.threshold` (no label is read). The
+record goes into config.json under ``"threshold"``::
+
+    rule, params        the rule's name and its parameters (expected_contamination, mad_k, scale)
+    image               the image threshold: an image is anomalous when its score >= image
+    pixel               the pixel threshold: a map pixel is anomalous when its value >= pixel
+    candidates          {"image": {rule: threshold}, "pixel": {...}}: what every rule would have chosen
+    training_scores     {"image": summary, "pixel_max": summary, "image_scores": [...]} of the training images
+    how                 how the training images were scored (below)
+
+How the training images are scored, per method:
+
+- ``funad``: the Local-Net's scores of the training images (no bank is used
+  at inference, so no image is compared with itself). Its scores are
+  squashed into (0, 1), so the rule works on their logit.
+- ``knn`` / ``softpatch``: a training image's own patches are in the memory
+  bank, so its plain score is about 0. Each training image is scored against
+  the bank *without its own patches* (leave-one-image-out,
+  ``KNNScorer.score_held_out``).
+
+The pixel threshold applies the same rule to the per-image maximum of the
+training images' anomaly maps (built as ``funad eval`` builds them): a map
+pixel above it is as unusual as the most anomalous pixel of a flagged
+training image.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from funad import anomaly_map
+from funad import threshold as rules
+
+from .errors import ModelDirError
+from .progress import NullProgress, Progress
+from .scoring import MAP_SIGMA, SCORE_CHUNK, model_scores
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_KEY = "threshold"
+RULES = rules.RULES
+DEFAULT_RULE = rules.DEFAULT_RULE
+DEFAULT_EXPECTED_CONTAMINATION = rules.DEFAULT_EXPECTED_CONTAMINATION
+F1_MAX_LABEL = "F1-max (threshold chosen with test labels)"
+HOW = {
+    "funad": "Local-Net scores of the training images; rules on the logit of the scores",
+    "baseline": "each training image scored against the bank without its own patches (leave-one-image-out)",
+}
+
+
+def rule_for(method: str, name: str = DEFAULT_RULE,
+             expected_contamination: float = DEFAULT_EXPECTED_CONTAMINATION,
+             mad_k: float = rules.DEFAULT_MAD_K) -> rules.ThresholdRule:
+    """The rule with the score scale of ``method`` (logit for FUN-AD's (0, 1) scores, identity otherwise)."""
+    return rules.ThresholdRule(name, expected_contamination, mad_k, "logit" if method == "funad" else "identity")
+
+
+def training_scores(model, source, device: torch.device,
+                    progress: Progress = NullProgress()) -> tuple[np.ndarray, np.ndarray]:
+    """``(patch scores (n, P), image scores (n,))`` of the training images in ``source`` (module docstring)."""
+    if hasattr(model, "score_held_out"):
+        return model.score_held_out(source)
+    n = int(source.n_images)
+    task = progress.task("scoring training images", total=n, unit="img")
+    patches, images = [], []
+    for start in range(0, n, SCORE_CHUNK):
+        p, i = model_scores(model, source.get(np.arange(start, min(n, start + SCORE_CHUNK))).to(device))
+        patches.append(p)
+        images.append(i)
+        task.advance(len(i))
+    return np.concatenate(patches), np.concatenate(images)
+
+
+def map_maxima(patch_scores: np.ndarray, grid, mask_size, device: Optional[torch.device] = None) -> np.ndarray:
+    """The maximum of each image's anomaly map (built as eval builds it), (n,) float32."""
+    out = []
+    for s in range(0, len(patch_scores), SCORE_CHUNK):
+        maps = anomaly_map.patch_scores_to_maps(patch_scores[s:s + SCORE_CHUNK], tuple(grid), tuple(mask_size),
+                                                sigma=MAP_SIGMA, device=device)
+        out.append(np.asarray(maps).reshape(len(maps), -1).max(axis=1))
+    return np.concatenate(out).astype(np.float32) if out else np.empty(0, dtype=np.float32)
+
+
+def choose(patch_scores: np.ndarray, image_scores: np.ndarray, grid, mask_size, rule: rules.ThresholdRule,
+           method: str, device: Optional[torch.device] = None) -> dict:
+    """The ``"threshold"`` record of config.json from the training images' scores (module docstring)."""
+    maxima = map_maxima(patch_scores, grid, mask_size, device)
+    record = {
+        "rule": rule.name,
+        "params": rule.params(),
+        "image": rule.threshold(image_scores),
+        "pixel": rule.threshold(maxima),
+        "candidates": {"image": rules.all_thresholds(image_scores, rule),
+                       "pixel": rules.all_thresholds(maxima, rule)},
+        "training_scores": {"image": rules.score_summary(image_scores), "pixel_max": rules.score_summary(maxima),
+                            "image_scores": [float(s) for s in image_scores]},
+        "how": HOW["funad" if method == "funad" else "baseline"],
+        "labels_used": False,
+    }
+    logger.info("unlabelled thresholds (%s): image %.6g, pixel %.6g from %d training images", rule.name,
+                record["image"], record["pixel"], len(image_scores))
+    return record
+
+
+def fit_thresholds(model, method: str, source, grid, mask_size, rule: rules.ThresholdRule, device: torch.device,
+                   progress: Progress = NullProgress()) -> dict:
+    """Score the fitted model's training images (``source``) and choose its thresholds."""
+    patches, images = training_scores(model, source, device, progress)
+    return choose(patches, images, grid, mask_size, rule, method, device)
+
+
+# ------------------------------------------------------------------ readers
+
+
+def recorded(info) -> Optional[dict]:
+    """The model directory's threshold record, or None for a model fitted before thresholds existed."""
+    return info.raw.get(THRESHOLD_KEY)
+
+
+def require(info) -> dict:
+    """The threshold record, or ModelDirError saying how to get one."""
+    record = recorded(info)
+    if not record:
+        raise ModelDirError(f"{info.path / 'config.json'} records no unlabelled threshold (fitted by an older "
+                            f"funad); re-fit the model, or pass --threshold")
+    return record
+
+
+def score_range(record: dict, key: str = "image") -> tuple[float, float]:
+    """(min, max) of the training scores the threshold was chosen from."""
+    summary = record["training_scores"]["image" if key == "image" else "pixel_max"]
+    return float(summary["min"]), float(summary["max"])
+
+
+def normalised(record: dict, scores, threshold: Optional[float] = None, key: str = "image") -> np.ndarray:
+    """Scores in [0, 1] with the threshold (the record's, or ``threshold``) at 0.5 (funad.threshold.normalise)."""
+    lo, hi = score_range(record, key)
+    t = record[key] if threshold is None else threshold
+    return rules.normalise(scores, t, lo, hi, record["params"]["scale"])
+
+
+def at_thresholds(record: Optional[dict], labels: np.ndarray, image_scores: np.ndarray) -> dict:
+    """What eval and sweep report: P/R/F1 at the model's threshold and at every candidate rule's."""
+    if not record:
+        return {"model_threshold": None, "candidates": {}}
+    return {
+        "model_threshold": {"rule": record["rule"], **rules.at_threshold(labels, image_scores, record["image"])},
+        "candidates": {name: rules.at_threshold(labels, image_scores, t)
+                       for name, t in record["candidates"]["image"].items()},
+        "note": "thresholds chosen from the unlabelled training scores; no test label was used to choose them",
+    }

@@ -1,0 +1,137 @@
+"""Unlabelled thresholds: the rules (funad.threshold), kNN's held-out training scores, and the fit's record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from funad import threshold as T
+from funad.cli.fit_cmd import fit as fit_cmd
+from funad.errors import ConfigError, DataError
+from funad.knn import KNNScorer
+from funad.softpatch import SoftPatchScorer
+
+from test_fit_pipeline import make_store
+
+
+def _contaminated(n_normal=200, n_bad=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(1.0, 0.1, n_normal), rng.normal(3.0, 0.2, n_bad)])
+
+
+def test_quantile_flags_the_expected_share():
+    s = np.arange(1000, dtype=np.float64)
+    t = T.quantile_threshold(s, 0.1)
+    assert (s >= t).sum() == pytest.approx(100, abs=1)
+
+
+def test_mad_is_robust_to_the_anomalies_in_training():
+    s = _contaminated()
+    t = T.mad_threshold(s, 3.0)
+    assert 1.2 < t < 2.0  # above the normal bulk (sd 0.1), below every anomaly
+    far = s.copy()
+    far[200:] *= 100  # anomalies 100x further away barely move the threshold
+    assert T.mad_threshold(far, 3.0) == pytest.approx(t, rel=0.05)
+    assert T.mad_threshold(np.ones(10), 3.0) == 1.0  # MAD 0 and mean deviation 0: the constant itself
+
+
+def test_otsu_splits_two_groups():
+    s = _contaminated()
+    t = T.otsu_threshold(s)
+    assert s[:200].max() < t < s[200:].min()
+
+
+def test_logit_scale_returns_raw_units():
+    rng = np.random.default_rng(1)
+    logits = np.concatenate([rng.normal(2.0, 1.0, 200), rng.normal(10.0, 1.0, 20)])
+    s = 1 / (1 + np.exp(-logits))
+    rule = T.ThresholdRule("otsu", scale="logit")
+    t = rule.threshold(s)
+    assert 0 < t < 1
+    assert (s >= t).sum() == 20  # the two groups are split on the logit scale
+    assert T.ThresholdRule("otsu").threshold(s) != t
+
+
+def test_rule_parameters_are_checked():
+    with pytest.raises(ConfigError, match="expected contamination"):
+        T.ThresholdRule("quantile", expected_contamination=1.5)
+    with pytest.raises(ConfigError, match="must be one of"):
+        T.ThresholdRule("best-f1")
+    with pytest.raises(DataError, match="NaN"):
+        T.mad_threshold([1.0, float("nan")])
+
+
+def test_normalise_puts_the_threshold_at_one_half():
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 10.0])
+    n = T.normalise(scores, 2.0, 0.0, 4.0)
+    assert n[2] == 0.5 and np.all(np.diff(n) >= 0) and n.min() >= 0 and n.max() == 1.0
+    assert np.array_equal(n >= 0.5, scores >= 2.0)
+    p = np.array([0.3, 0.9, 0.99, 0.999])
+    assert np.array_equal(T.normalise(p, 0.99, 0.1, 0.9999, "logit") >= 0.5, p >= 0.99)
+
+
+def test_at_threshold_counts():
+    r = T.at_threshold([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.2], 0.5)
+    assert (r["tp"], r["fp"], r["fn"]) == (1, 1, 1)
+    assert r["precision"] == r["recall"] == r["f1"] == 0.5
+    assert T.at_threshold([0, 1], [0.1, 0.2], 5.0)["f1"] == 0.0
+
+
+# ----------------------------------------------------------- held-out training scores
+
+
+@pytest.mark.parametrize("cls", [KNNScorer, SoftPatchScorer])
+def test_held_out_scores_exclude_the_images_own_patches(cls):
+    """Held-out score of training image i == its score against a bank fitted without it; self-matches give ~0."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(6, 5, 8)).astype(np.float32))
+    kwargs = dict(coreset_ratio=1.0, backend="torch")
+    if cls is SoftPatchScorer:
+        kwargs.update(noise_ratio=0.0, lof_k=2)
+    model = cls(**kwargs).fit(x)
+    plain, _ = model.score(x)
+    assert np.allclose(plain, 0.0, atol=1e-2)  # a training image finds itself in the bank
+    held, held_images = model.score_held_out(x)
+    assert held.min() > 0.5
+    if cls is KNNScorer:
+        for i in range(6):
+            others = cls(**kwargs).fit(torch.cat([x[:i], x[i + 1:]]))
+            ref, _ = others.score(x[i:i + 1])
+            np.testing.assert_allclose(held[i], ref[0], rtol=1e-4, atol=1e-4)
+    assert held_images.shape == (6,)
+
+
+def test_held_out_needs_a_fresh_fit():
+    x = torch.randn(3, 4, 8)
+    model = KNNScorer(coreset_ratio=1.0, backend="torch").fit(x)
+    loaded = KNNScorer(coreset_ratio=1.0, backend="torch").load_state_dict(model.state_dict())
+    with pytest.raises(Exception, match="right after fit"):
+        loaded.score_held_out(x)
+
+
+# ----------------------------------------------------------- the fit's record
+
+
+@pytest.mark.parametrize("method", ["knn", "funad"])
+def test_fit_records_thresholds_chosen_without_labels(tmp_path, method):
+    """The record depends on the training features only: flipping every label of the store changes nothing."""
+    args = ["--method", method, "--device", "cpu"] + (["--set", "batch_size=4", "--epochs", "2"]
+                                                      if method == "funad" else [])
+    records = []
+    for labelled in (True, False):
+        store = make_store(tmp_path / f"s{labelled}.zarr", labelled=labelled)
+        out = tmp_path / f"m{labelled}"
+        res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(out), *args])
+        assert res.exit_code == 0, res.output
+        records.append(json.loads((out / "config.json").read_text())["threshold"])
+    a, b = records
+    assert a["image"] == b["image"] and a["pixel"] == b["pixel"] and a["labels_used"] is False
+    assert set(a["candidates"]["image"]) == set(T.RULES)
+    lo, hi = a["training_scores"]["image"]["min"], a["training_scores"]["image"]["max"]
+    assert a["training_scores"]["image"]["n"] == 8 and lo <= a["training_scores"]["image"]["median"] <= hi
+    if method == "knn":
+        assert lo > 0.05  # leave-one-image-out: no training image scored against its own patches
