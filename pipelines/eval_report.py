@@ -28,9 +28,13 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("image_ap", "I-AP"),
     ("pixel_ap", "P-AP"),
     ("image_f1_max", "I-F1max"),
+    ("precision_at_threshold", "P@thr"),
+    ("recall_at_threshold", "R@thr"),
+    ("f1_at_threshold", "F1@thr"),
 )
 TABLE_CAPTION = (
-    "percent; I = image, P = pixel level; AUPRO up to FPR 0.3; I-F1max uses a threshold chosen on the test labels"
+    "percent; I = image, P = pixel level; AUPRO up to FPR 0.3; I-F1max uses a threshold chosen with the TEST "
+    "labels; P/R/F1@thr use the model's own threshold, chosen without labels at the end of the fit"
 )
 
 ORACLE_WARNING = (
@@ -61,14 +65,21 @@ class EvalResult:
 
 
 def write_scores_csv(path: Path, indices: np.ndarray, samples: list, scores: np.ndarray,
-                     predictions: np.ndarray) -> None:
-    """One row per test image: index, path, split, label, defect_type, score, prediction."""
+                     predictions: np.ndarray, model_threshold: Optional[float] = None) -> None:
+    """One row per test image: index, path, split, label, defect_type, score, predictions.
+
+    ``prediction_at_model_threshold`` (the model's unlabelled threshold) is
+    empty for a model fitted before thresholds were recorded.
+    """
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "path", "split", "label", "defect_type", "score", "prediction_at_f1_max_threshold"])
+        w.writerow(["index", "path", "split", "label", "defect_type", "score", "prediction_at_model_threshold",
+                    "prediction_at_f1_max_threshold"])
         for i, s, p in zip(indices, scores, predictions):
             smp = samples[int(i)]
-            w.writerow([int(i), smp["path"], smp["split"], int(smp["label"]), smp["defect_type"], f"{float(s):.6g}", int(p)])
+            own = "" if model_threshold is None else int(float(s) >= model_threshold)
+            w.writerow([int(i), smp["path"], smp["split"], int(smp["label"]), smp["defect_type"], f"{float(s):.6g}",
+                        own, int(p)])
 
 
 def _json_float(x: float) -> Optional[float]:

@@ -24,6 +24,7 @@ import torch
 
 from funad import cache
 
+from . import thresholds
 from .device import resolve_device
 from .errors import ModelDirError, PipelineError
 from .eval_report import (ORACLE_WARNING, TABLE_CAPTION, TABLE_COLUMNS, EvalResult, mean_row, metrics_record,
@@ -152,10 +153,20 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         threshold = values["image_f1_threshold"]
         predictions = (image_scores >= threshold).astype(np.int64)  # all 0 when the threshold is nan
         record = metrics_record(info, store, ids, labels, values, predictions, seconds, dev)
+        own = thresholds.recorded(info)
+        decided = thresholds.at_thresholds(own, labels, image_scores)
+        at = decided["model_threshold"] or {}
+        record.update({"precision_at_threshold": at.get("precision"), "recall_at_threshold": at.get("recall"),
+                       "f1_at_threshold": at.get("f1"), "model_threshold": decided,
+                       "f1_max_note": thresholds.F1_MAX_LABEL})
+        if own is None:
+            logger.warning("%s records no unlabelled threshold (fitted by an older funad): P/R/F1 at the model's "
+                           "threshold are not reported; re-fit to get them", model_dir)
 
         report_dir.mkdir(parents=True, exist_ok=True)
         files = [report_dir / "scores.csv"]
-        write_scores_csv(files[0], ids, store.samples, image_scores, predictions)
+        write_scores_csv(files[0], ids, store.samples, image_scores, predictions,
+                         None if own is None else float(own["image"]))
         if pictures:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += write_pictures(report_dir, store=store, ids=ids, masks=masks, maps=maps, scores=image_scores,

@@ -19,7 +19,12 @@ each cell the sweep
    does (:func:`funad.pipelines.scoring.measure`: anomaly maps with the
    cache's grid, mask size and map sigma; image AUROC/AP/F1-max, pixel
    AUROC/AP and AUPRO@0.3);
-4. appends one row to ``results.csv`` (metrics, config, seed, times, peak
+4. chooses the unlabelled thresholds from the training images' scores, as
+   ``funad fit`` does (:mod:`funad.pipelines.thresholds`; included in
+   ``fit_s``), and reports precision/recall/F1 of the test images at the
+   default rule's threshold and the F1 of every candidate rule, next to
+   F1-max (whose threshold is chosen with the test labels);
+5. appends one row to ``results.csv`` (metrics, config, seed, times, peak
    memory) and flushes it, so an interrupted sweep resumes where it stopped:
    cells whose key is already in ``results.csv`` are skipped.
 
@@ -53,7 +58,7 @@ import torch
 
 from funad import __version__, cache
 
-from . import modeldir
+from . import modeldir, thresholds
 from .device import resolve_device
 from .errors import PipelineError
 from .features import choose_residency, feature_bytes, load_features
@@ -119,6 +124,9 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task)
         model.fit(source, device=device, callback=on_epoch)
     else:
         model.fit(source)
+    # The unlabelled thresholds, exactly as `funad fit` chooses them (default rule and parameters).
+    record = thresholds.fit_thresholds(model, cell.spec.method, source, store.grid, store.mask_size,
+                                       thresholds.rule_for(cell.spec.method), device)
     del source
     fit_s = time.perf_counter() - start
 
@@ -130,11 +138,15 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task)
     values = measure(scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=device,
                      image_scores=image_scores).metrics
     score_s = time.perf_counter() - start
+    decided = thresholds.at_thresholds(record, labels, image_scores)
 
     row: dict = {
         "key": cell.key, "method": cell.spec.method, "preset": cell.spec.preset or "", "params": cell.params_text,
         "overlap": int(cell.overlap), "ratio": cell.ratio, "seed": cell.seed,
         **{m: float(values[m]) for m in METRICS},
+        "thr_rule": record["rule"], "precision_at_thr": decided["model_threshold"]["precision"],
+        "recall_at_thr": decided["model_threshold"]["recall"], "f1_at_thr": decided["model_threshold"]["f1"],
+        **{f"f1_thr_{name}": r["f1"] for name, r in decided["candidates"].items()},
         "n_train": len(train_ids), "n_test": len(test_ids), "n_moved": split["n_moved"],
         "moved_ids": split["moved_ids"], "fit_s": fit_s, "score_s": score_s, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,

@@ -16,10 +16,16 @@ from .errors import PipelineError
 from .settings import FIELDS
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max")
+# The unlabelled thresholds (pipelines/thresholds.py): P/R/F1 at the model's own threshold (default rule)
+# and the F1 every candidate rule would have given, next to F1-max (chosen with test labels).
+THRESHOLD_RULES = ("mad", "quantile", "otsu")
+THRESHOLD_METRICS = (("precision_at_thr", "recall_at_thr", "f1_at_thr")
+                     + tuple(f"f1_thr_{r}" for r in THRESHOLD_RULES))
 RESULTS_CSV, RESULTS_MD, PLOT_PNG, SWEEP_JSON = "results.csv", "results.md", "auroc_vs_contamination.png", "sweep.json"
 COLUMNS = (
     ("key", "method", "preset", "params", "overlap", "ratio", "seed")
     + METRICS
+    + ("thr_rule",) + THRESHOLD_METRICS
     + ("n_train", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
        "selection", "reused_from", "cache_fingerprint", "funad_version")
     + tuple(f"cfg_{f}" for f in FIELDS)
@@ -95,8 +101,8 @@ def _group(rows: Sequence[dict]) -> dict:
         if len(digests[label]) > 1:
             label += f" [cfg {_config_digest(r)}]"
         cell = out.setdefault((label, int(r["overlap"])), {}).setdefault(float(r["ratio"]), {})
-        for m in METRICS:
-            cell.setdefault(m, []).append(float(r[m]) if r[m] not in ("", None) else float("nan"))
+        for m in METRICS + THRESHOLD_METRICS:
+            cell.setdefault(m, []).append(float(r[m]) if r.get(m) not in ("", None) else float("nan"))
     return out
 
 
@@ -140,10 +146,31 @@ def write_markdown(path: Path, rows: Sequence[dict], store_attrs: Optional[dict]
                 cells.append("" if v is None else f"{_pct(v[metric_pair[0]])} / {_pct(v[metric_pair[1]])}")
             lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _threshold_table(groups)
     lines += [f"Each cell: mean ± sample std over seeds; {len(rows)} runs in results.csv. "
               "At 0% the overlap and no-overlap settings are the same run.", ""]
     text = "\n".join(lines)
     modeldir.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _threshold_table(groups: dict) -> list[str]:
+    """Image F1 at each unlabelled rule's threshold against F1-max (chosen with test labels)."""
+    lines = ["## Deciding without labels: image F1 (%) at each unlabelled threshold, mean ± std over seeds", "",
+             "F1-max uses the threshold that maximises F1 on the TEST labels; the rules choose theirs from the "
+             "unlabelled training scores. In brackets: mean F1 at the rule / mean F1-max.", "",
+             "| method | setting | ratio | F1-max (test labels) | " + " | ".join(THRESHOLD_RULES) + " |",
+             "|---|---|---|---|" + "---|" * len(THRESHOLD_RULES)]
+    for (label, overlap), by_ratio in sorted(groups.items()):
+        for ratio, v in sorted(by_ratio.items()):
+            best = _mean_std(v["image_f1_max"])[0]
+            cells = []
+            for rule in THRESHOLD_RULES:
+                mean = _mean_std(v[f"f1_thr_{rule}"])[0]
+                share = mean / best if best and not math.isnan(mean) else float("nan")
+                cells.append(f"{_pct(v[f'f1_thr_{rule}'])} ({share:.2f})")
+            lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | {100 * ratio:g}% | "
+                         f"{_pct(v['image_f1_max'])} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_plot(path: Path, rows: Sequence[dict]) -> None:
