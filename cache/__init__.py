@@ -23,6 +23,7 @@ from .errors import (
 )
 from .layout import COMPLETE, PENDING, SKIPPED
 from .api import create, infer_format, open
+from .grow import grow
 from .integrity import row_checksums
 from .lock import lock_path
 from .store import FeatureStore
@@ -39,6 +40,7 @@ __all__ = [
     "create",
     "open",
     "infer_format",
+    "grow",
     "PENDING",
     "COMPLETE",
     "SKIPPED",

@@ -119,6 +119,7 @@ def _build(mod, tmp: Path, n: int, p: int, c: int, dtype: str, mask_hw: tuple, p
         if preview_hw is not None:
             backend.create_array(L.PREVIEWS, (n, *preview_hw, 3), "uint8", (1, *preview_hw, 3), sc)
         backend.create_array(L.SKIP_REASONS, (n, L.SKIP_REASON_BYTES), "uint8", (1, L.SKIP_REASON_BYTES), sc)
+        backend.create_array(L.SOURCE_DIGESTS, (n, L.DIGEST_BYTES), "uint8", (1, L.DIGEST_BYTES), "none")
         cols = len(L.RECORD_COLUMNS)
         backend.create_array(L.RECORDS, (n, cols), "uint64", (1, cols), "none")  # one chunk per image
         backend.create_array(L.RECORDS_SNAPSHOT, (n, cols), "uint64", (n, cols), "none")
@@ -128,6 +129,7 @@ def _build(mod, tmp: Path, n: int, p: int, c: int, dtype: str, mask_hw: tuple, p
         backend.array(L.RECORDS_SNAPSHOT)[:] = np.zeros((n, cols), np.uint64)
         backend.array(L.SNAPSHOT_VALID)[:] = np.ones(1, np.uint8)
         backend.array(L.SKIP_REASONS)[:] = np.zeros((n, L.SKIP_REASON_BYTES), np.uint8)
+        backend.array(L.SOURCE_DIGESTS)[:] = np.zeros((n, L.DIGEST_BYTES), np.uint8)
         backend.write_blob(L.SAMPLE_TABLE, table)
         backend.set_attrs(attrs)
         backend.flush()

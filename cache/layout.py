@@ -35,6 +35,10 @@ RECORDS_SNAPSHOT = "records_snapshot"  # the same in one chunk, refreshed when a
 SNAPSHOT_VALID = "records_snapshot_valid"  # (1,) uint8: 1 when the snapshot equals the records
 SKIP_REASONS = "skip_reasons"  # (N, SKIP_REASON_BYTES) uint8, UTF-8, zero padded
 SAMPLE_TABLE = "sample_table"  # JSON blob: list of sample dicts
+SOURCE_DIGESTS = "source_digests"  # (N, DIGEST_BYTES) uint8: sha256 of each image's file (zeros = unknown);
+# written with the image's data (not covered by its record's checksums: it only serves to recognise a renamed
+# file); absent in stores written before funad could grow a store
+DIGEST_BYTES = 32
 
 # Columns of an image's record: its status, then the checksum of its row of each array (0 = none).
 RECORD_COLUMNS = ("status", PATCH_TOKENS, CLASS_TOKENS, MASKS, PREVIEWS)
@@ -42,8 +46,11 @@ RECORD_COLUMNS = ("status", PATCH_TOKENS, CLASS_TOKENS, MASKS, PREVIEWS)
 # Keys the store derives itself; a writer may repeat them in `attributes` only with equal values.
 DERIVED_KEYS = ("grid", "n_patches", "token_dim", "feature_dim", "dtype", "mask_size", "preview_size",
                 "n_images", "cache_version")
+# Attribute: sorted indices of the images whose file was no longer in the dataset folder at the last
+# `funad extract` (their rows are kept until `--prune-missing`; see funad.cache.grow).
+MISSING_FROM_SOURCE = "missing_from_source"
 # Keys that do not change what the features are; left out of the fingerprint.
-VOLATILE_KEYS = ("funad_version", "dataset_root", "created_at")
+VOLATILE_KEYS = ("funad_version", "dataset_root", "created_at", "table_changed_at", MISSING_FROM_SOURCE)
 
 Pair = Union[int, Sequence[int]]
 

@@ -104,6 +104,25 @@ class StoreReading:
                 on_progress(part.size)
         return [{"index": i, "path": self._samples[i]["path"], "problems": found[i]} for i in sorted(found)]
 
+    def source_digests(self, indices) -> list:
+        """The sha256 (hex) of each image's file as it was extracted, or None where unknown (imported
+        features, a store from before funad recorded them, an image never written)."""
+        idx = self._check_indices(indices)
+        if not self._has_digests:
+            return [None] * idx.size
+        out = np.zeros((idx.size, L.DIGEST_BYTES), np.uint8)
+        for k, i in enumerate(idx.tolist()):
+            self._b.read_rows(L.SOURCE_DIGESTS, i, i + 1, out[k : k + 1])
+        known = (out != 0).any(axis=1) & (self._status[idx] != L.PENDING)
+        return [row.tobytes().hex() if ok else None for row, ok in zip(out, known)]
+
+    def checksums(self, indices) -> Optional[np.ndarray]:
+        """``(n, 4) uint64``: the recorded checksums of each image's patch tokens, class token, mask and
+        preview (what a model directory records to name the exact features it used); None for a store
+        without them (cache format 1)."""
+        idx = self._check_indices(indices)
+        return None if self._records is None else self._records[idx, 1:].copy()
+
     def read_patch_tokens(self, indices) -> np.ndarray:
         """``(n, P, C)`` in the store's dtype."""
         return self._read(L.PATCH_TOKENS, self._check_indices(indices))

@@ -126,6 +126,9 @@ class FeatureStore(StoreReading, StoreWriting):
                              L.SNAPSHOT_VALID: ((1,), "uint8")})
         if preview_hw is not None:
             expected[L.PREVIEWS] = ((n, *preview_hw, 3), "uint8")
+        self._has_digests = self._b.has_array(L.SOURCE_DIGESTS)  # absent in stores from before growing
+        if self._has_digests:
+            expected[L.SOURCE_DIGESTS] = ((n, L.DIGEST_BYTES), "uint8")
         for name, (shape, dt) in expected.items():
             arr = self._b.array(name)
             if tuple(arr.shape) != shape:
@@ -232,6 +235,11 @@ class FeatureStore(StoreReading, StoreWriting):
     def complete(self) -> np.ndarray:
         return self._status == L.COMPLETE
 
+    @property
+    def has_class_tokens(self) -> bool:
+        """Whether the store holds the class tokens (what ``funad fit --tokens class`` trains on)."""
+        return self._b.has_array(L.CLASS_TOKENS)
+
     def indices(self, split: Optional[str] = None, complete_only: bool = True) -> np.ndarray:
         """Image indices (ascending) of ``split`` (or all), complete ones only by default."""
         keep = np.ones(self._n, dtype=bool)
@@ -242,6 +250,12 @@ class FeatureStore(StoreReading, StoreWriting):
         if complete_only:
             keep &= self.complete
         return np.flatnonzero(keep)
+
+    @property
+    def missing_from_source(self) -> np.ndarray:
+        """Indices of the images whose file was no longer in the dataset folder at the last ``funad extract``
+        (kept until it runs with ``--prune-missing``; :mod:`funad.cache.grow`)."""
+        return np.asarray(self._attrs.get(L.MISSING_FROM_SOURCE, []), dtype=np.int64)
 
     def skip_reason(self, i: int) -> Optional[str]:
         """Why image ``i`` was skipped, or None if it was not."""
@@ -308,6 +322,7 @@ class FeatureStore(StoreReading, StoreWriting):
             "fingerprint": self.fingerprint(),
             "counts": counts,
             "skipped": skipped,
+            "missing_from_source": [self._samples[int(i)]["path"] for i in self.missing_from_source],
             "attrs": copy.deepcopy(self._attrs),
         }
 

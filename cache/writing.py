@@ -135,9 +135,11 @@ class StoreWriting:
             previews=None if preview is None else np.asarray(preview)[None],
         )
 
-    def write_batch(self, indices, *, patch_tokens, class_tokens, masks=None, previews=None) -> None:
+    def write_batch(self, indices, *, patch_tokens, class_tokens, masks=None, previews=None,
+                    digests=None) -> None:
         """Write n images at once: ``patch_tokens (n, P, C)``, ``class_tokens (n, C)``,
-        ``masks (n, H, W)`` or None, ``previews (n, h, w, 3) uint8`` or None; then mark them complete.
+        ``masks (n, H, W)`` or None, ``previews (n, h, w, 3) uint8`` or None, ``digests (n, 32) uint8``
+        (sha256 of each image's file, to recognise it renamed) or None; then mark them complete.
 
         Images that were complete are first marked pending, so a crash while
         overwriting them never leaves old status over new, partial data.
@@ -165,6 +167,12 @@ class StoreWriting:
             for start, _, pos in L.runs(idx[order]):
                 self._b.write_rows(name, start, values[order[pos]])
             rows[:, L.RECORD_COLUMNS.index(name)] = row_checksums(values)
+        if self._has_digests:
+            dg = np.zeros((n, L.DIGEST_BYTES), np.uint8) if digests is None else np.asarray(digests, np.uint8)
+            if dg.shape != (n, L.DIGEST_BYTES):
+                raise CacheMismatchError(f"digests have shape {dg.shape}; expected {(n, L.DIGEST_BYTES)}")
+            for start, _, pos in L.runs(idx[order]):
+                self._b.write_rows(L.SOURCE_DIGESTS, start, dg[order[pos]])
         self._write_records(idx, rows)
 
     def mark_skipped(self, i: int, reason: str) -> None:
