@@ -67,7 +67,7 @@ from .progress import NullProgress, Progress
 from .scoring import MAP_SIGMA, measure, score_tensor
 from .sweep_grid import OVERLAPS, Cell, MethodSpec, build_grid, parse_floats, parse_grid_sets, parse_ints, parse_methods
 from .sweep_report import (COLUMNS, METRICS, PLOT_PNG, RESULTS_CSV, RESULTS_MD, SWEEP_JSON, append_row, read_results,
-                           write_markdown, write_plot)
+                           write_cell_scores, write_markdown, write_plot)
 
 __all__ = ["sweep", "run_cell", "parse_methods", "parse_floats", "parse_ints", "parse_grid_sets", "build_grid",
            "Cell", "MethodSpec", "METRICS", "COLUMNS", "RESULTS_CSV", "RESULTS_MD", "PLOT_PNG", "DEFAULT_RATIOS"]
@@ -99,8 +99,9 @@ class _Features:
         return torch.as_tensor([self.row[int(i)] for i in ids], dtype=torch.long, device=self.pool.device)
 
 
-def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task) -> dict:
-    """Fit and evaluate one cell; returns its results.csv row."""
+def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
+             sweep_dir: Optional[Path] = None) -> dict:
+    """Fit and evaluate one cell; returns its results.csv row (and writes cells/<key>.json into ``sweep_dir``)."""
     from funad.data import TensorSource
 
     split = split_cache(store, cell.ratio, cell.overlap, cell.seed)
@@ -139,6 +140,9 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task)
                      image_scores=image_scores).metrics
     score_s = time.perf_counter() - start
     decided = thresholds.at_thresholds(record, labels, image_scores)
+    if sweep_dir is not None:
+        write_cell_scores(sweep_dir, cell.key, {"threshold": record, "test_ids": test_ids, "test_labels": labels,
+                                                "test_image_scores": image_scores, "at_thresholds": decided})
 
     row: dict = {
         "key": cell.key, "method": cell.spec.method, "preset": cell.spec.preset or "", "params": cell.params_text,
@@ -225,7 +229,7 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
                 if twin is not None:
                     row = {**twin, "key": cell.key, "overlap": 1, "reused_from": twin["key"]}
                 else:
-                    row = run_cell(cell, store, feats, device=dev, task=task)
+                    row = run_cell(cell, store, feats, device=dev, task=task, sweep_dir=sweep_dir)
                 append_row(csv_path, row)
                 done[cell.key] = row
                 task.advance(1)

@@ -22,6 +22,7 @@ THRESHOLD_RULES = ("mad", "quantile", "otsu")
 THRESHOLD_METRICS = (("precision_at_thr", "recall_at_thr", "f1_at_thr")
                      + tuple(f"f1_thr_{r}" for r in THRESHOLD_RULES))
 RESULTS_CSV, RESULTS_MD, PLOT_PNG, SWEEP_JSON = "results.csv", "results.md", "auroc_vs_contamination.png", "sweep.json"
+CELLS_DIR = "cells"  # cells/<key>.json: a cell's training and test image scores, to compare threshold rules later
 COLUMNS = (
     ("key", "method", "preset", "params", "overlap", "ratio", "seed")
     + METRICS
@@ -69,6 +70,15 @@ def append_row(path: Path, row: dict) -> None:
         writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
         f.flush()
 
+
+
+def write_cell_scores(sweep_dir: Path, key: str, record: dict) -> Path:
+    """cells/<key>.json: the unlabelled threshold record (with the training scores) and the test scores/labels."""
+    import re
+
+    path = Path(sweep_dir) / CELLS_DIR / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".json")
+    modeldir.write_json(path, record)
+    return path
 
 
 # ------------------------------------------------------------ table and plot
