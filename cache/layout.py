@@ -19,7 +19,7 @@ CACHE_VERSION = 2  # 2: per-image records (status + checksums); 1: one status ar
 PENDING, COMPLETE, SKIPPED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", COMPLETE: "complete", SKIPPED: "skipped"}
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "synthetic")  # synthetic: FUN-AD* anomalies made at extraction, never tested
 LABELS = (0, 1, -1)  # normal, anomalous, unknown
 DTYPES = ("float16", "float32")
 SKIP_REASON_BYTES = 256  # a skip reason is stored truncated to this many UTF-8 bytes
