@@ -16,9 +16,10 @@ from funad import cache
 from funad.cli.predict_cmd import predict as predict_cmd
 from funad.pipelines import modeldir
 from funad.pipelines.backbone import BackboneSpec
-from funad.pipelines.errors import BackboneError, DatasetError
+from funad.pipelines.errors import BackboneError, DatasetError, PipelineError
 from funad.pipelines.extract import extract
 from funad.pipelines.fit import FitSpec, fit
+from funad.pipelines import overlay
 from funad.pipelines.predict import collect_images, predict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -77,30 +78,98 @@ def test_scores_equal_extract_then_score(setup, tmp_path):
     assert got[3] > got[:3].max()  # the image with a white block is the most anomalous
 
 
-def test_outputs_without_threshold(setup):
+def test_outputs_at_the_models_own_threshold(setup):
     out, result = setup["root"] / "out", setup["baseline"]
     doc = json.loads((out / "scores.json").read_text())
-    assert doc["threshold"] is None and "no --threshold" in doc["decision"]
-    assert all("is_anomalous" not in r for r in doc["images"])
+    own = json.loads((setup["model"] / "config.json").read_text())["threshold"]
+    assert doc["threshold"] == own["image"] and "own threshold" in doc["threshold_source"]
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert list(rows[0]) == ["path", "score", "error"]
-    assert len(rows) == 4 and all(float(r["score"]) >= 0 for r in rows)
-    pngs = sorted((out / "heatmaps").glob("*.png"))
-    assert len(pngs) == 4 and [out / r["heatmap"] for r in doc["images"]] == pngs
+    assert list(rows[0]) == ["path", "output", "score", "normalised_score", "is_anomalous", "heatmap", "map", "error"]
+    assert len(rows) == 4
+    for r in rows:  # the normalised score puts the threshold at 0.5 and agrees with the decision
+        assert int(r["is_anomalous"]) == int(float(r["score"]) >= own["image"])
+        assert (float(r["normalised_score"]) >= 0.5) == bool(int(r["is_anomalous"]))
+    pngs = sorted((out / "heatmaps").rglob("*.png"))
+    assert len(pngs) == 4 and sorted(out / r["heatmap"] for r in doc["images"]) == pngs
+    assert [r["output"] for r in rows] == ["new/img_00", "new/img_01", "new/img_02", "new_bad/img_00"]
     assert doc["throughput"]["images_per_s"] > 0
     assert result.n_errors == 0
 
 
-def test_threshold_gives_decisions(setup, tmp_path):
+def test_threshold_override_and_out_of_range(setup, tmp_path):
     scores = [r["score"] for r in setup["baseline"].records]
     thr = float(np.median(scores))
     out = tmp_path / "b"
     predict(setup["model"], [setup["root"] / "new", setup["root"] / "new_bad"], out, threshold=thr, device="cpu",
-            workers=0, heatmaps=False)
+            workers=0, heatmaps="none")
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert list(rows[0]) == ["path", "score", "is_anomalous", "error"]
     assert [int(r["is_anomalous"]) for r in rows] == [int(s >= thr) for s in scores]
-    assert not (out / "heatmaps").exists()
+    assert not (out / "heatmaps").exists() and not (out / "maps").exists()
+    own = json.loads((setup["model"] / "config.json").read_text())["threshold"]
+    hi = own["training_scores"]["image"]["max"]
+    for bad in (hi * 10 + 1, -1.0):
+        with pytest.raises(PipelineError, match="outside the range of model .* training scores"):
+            predict(setup["model"], [setup["root"] / "new"], tmp_path / f"c{bad}", threshold=bad, device="cpu",
+                    workers=0, heatmaps="none")
+    assert not (tmp_path / f"c{-1.0}").exists()  # refused before anything is written
+
+
+def test_recursion_mirrors_subfolders_and_npy_maps(setup, tmp_path):
+    data = tmp_path / "line"
+    shutil.copytree(setup["root"] / "new", data / "day1" / "cam_a")
+    shutil.copy(setup["new"][3], data / "day1" / "top.png")
+    (data / ".hidden").mkdir()
+    shutil.copy(setup["new"][0], data / ".hidden" / "skip.png")
+    result = predict(setup["model"], [data], tmp_path / "o", device="cpu", workers=0, heatmaps="npy")
+    names = [r["output"] for r in result.records]
+    assert names == ["line/day1/cam_a/img_00", "line/day1/cam_a/img_01", "line/day1/cam_a/img_02", "line/day1/top"]
+    m = np.load(tmp_path / "o" / "maps" / "line" / "day1" / "cam_a" / "img_01.npy")
+    info = modeldir.read_config(setup["model"])
+    assert m.dtype == np.float32 and m.shape == tuple(info.mask_size)
+    assert not (tmp_path / "o" / "heatmaps").exists()
+
+
+def test_non_empty_output_is_refused_and_overwrite_clears_only_funads_files(setup, tmp_path):
+    out = tmp_path / "o"
+    predict(setup["model"], [setup["root"] / "new", setup["root"] / "new_bad"], out, device="cpu", workers=0)
+    (out / "my_notes.txt").write_text("keep me")
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert Path("heatmaps/new_bad/img_00.png") in before
+    with pytest.raises(PipelineError, match="not empty.*--overwrite"):
+        predict(setup["model"], [setup["root"] / "new"], out, device="cpu", workers=0)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before  # untouched
+    predict(setup["model"], [setup["root"] / "new"], out, device="cpu", workers=0, overwrite=True)
+    after = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert (out / "my_notes.txt").read_text() == "keep me"
+    assert not (out / "heatmaps" / "new_bad").exists()  # the stale run's pictures are gone
+    assert len(list((out / "heatmaps").rglob("*.png"))) == 3
+    assert len(json.loads((out / "scores.json").read_text())["images"]) == 3
+    assert Path("my_notes.txt") in after
+
+
+def test_heatmap_colours_are_fixed_by_the_threshold(setup, tmp_path):
+    """The same image gets the same picture whatever else is in the run (no per-run min-max)."""
+    one = predict(setup["model"], [setup["new"][0]], tmp_path / "one", device="cpu", workers=0)
+    many = predict(setup["model"], [setup["root"] / "new", setup["root"] / "new_bad"], tmp_path / "many",
+                   device="cpu", workers=0)
+    a = np.asarray(Image.open(tmp_path / "one" / one.records[0]["heatmap"]))
+    b = np.asarray(Image.open(tmp_path / "many" / many.records[0]["heatmap"]))
+    h = a.shape[0]
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a[overlay.HEADER:], b[overlay.HEADER:])  # panels identical (headers name the file)
+
+
+def test_overlay_scale_puts_the_threshold_in_the_middle():
+    assert overlay.lut().shape == (256, 3)
+    norm = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(8, axis=0)
+    rgb = np.zeros((8, 64, 3), np.uint8)
+    out = overlay.overlay(rgb, norm)
+    edge = overlay.threshold_edge(norm)
+    assert edge[:, 32].all() and edge.sum() == 8  # the outline sits where the map reaches 0.5
+    np.testing.assert_array_equal(overlay.colourise(np.array([0.5])), overlay.lut()[[128]])
+    assert (out[:, 0] != out[:, -1]).any()
+    pic = overlay.two_panel(rgb, norm, "x", anomalous=True)
+    assert pic.size[1] == 8 + overlay.HEADER + 4
 
 
 def test_corrupt_and_missing_images_are_recorded_unless_strict(setup, tmp_path):
@@ -132,7 +201,7 @@ def test_empty_folder_is_an_error(setup, tmp_path):
     with pytest.raises(DatasetError, match="empty.*no image files"):
         predict(setup["model"], [empty], tmp_path / "out", device="cpu")
     images, problems = collect_images([empty, setup["root"] / "new"])
-    assert len(images) == 3 and problems[0][0] == empty
+    assert len(images) == 3 and problems[0][0] == empty and images[0].path.parent == setup["root"] / "new"
 
 
 def test_weights_with_other_sha256_are_refused(setup, tmp_path):
@@ -145,9 +214,15 @@ def test_weights_with_other_sha256_are_refused(setup, tmp_path):
 def test_cli(setup, tmp_path):
     runner = CliRunner(env={"COLUMNS": "160"})
     res = runner.invoke(predict_cmd, [str(setup["model"]), str(setup["root"] / "new_bad"), "-o", str(tmp_path / "o"),
-                                      "--device", "cpu", "--workers", "0", "--threshold", "0.5"])
+                                      "--device", "cpu", "--workers", "0"])
     assert res.exit_code == 0, res.output
-    assert "images/s" in res.output and "img_00.png" in res.output
+    assert "images/s" in res.output and "img_00.png" in res.output and "anomalous at threshold" in res.output
+    res = runner.invoke(predict_cmd, [str(setup["model"]), str(setup["root"] / "new_bad"), "-o", str(tmp_path / "o"),
+                                      "--device", "cpu", "--workers", "0"])
+    assert res.exit_code == 1 and "not empty" in res.output and "Traceback" not in res.output
+    res = runner.invoke(predict_cmd, [str(setup["model"]), str(setup["root"] / "new_bad"), "-o", str(tmp_path / "o"),
+                                      "--device", "cpu", "--workers", "0", "--threshold", "1e9", "--overwrite"])
+    assert res.exit_code == 1 and "outside the range" in res.output and "Traceback" not in res.output
     empty = tmp_path / "empty"
     empty.mkdir()
     res = runner.invoke(predict_cmd, [str(setup["model"]), str(empty), "-o", str(tmp_path / "o2")])
@@ -172,4 +247,4 @@ def test_real_bottle_images_with_offline_weights(tmp_path):
                      weights=weights)
     scores = {Path(r["path"]).parent.name: r["score"] for r in result.records}
     assert scores["broken_large"] > scores["good"]
-    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == 2
+    assert len(list((tmp_path / "out" / "heatmaps").rglob("*.png"))) == 2
