@@ -145,7 +145,14 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------- pixel level
 
 
-def _check_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_maps(masks, maps):
+    """(n, H, W) arrays -> (positive bool (n, H, W), maps); lists of per-image 2-D arrays (images of different
+    sizes) -> lists of the same."""
+    if isinstance(masks, (list, tuple)) or isinstance(maps, (list, tuple)):
+        if len(masks) != len(maps):
+            raise DataError(f"{len(masks)} masks but {len(maps)} anomaly maps; give one map per mask")
+        pairs = [_check_maps(np.asarray(m)[None], np.asarray(a)[None]) for m, a in zip(masks, maps)]
+        return [g[0] for g, _ in pairs], [a[0] for _, a in pairs]
     masks = np.asarray(masks)
     maps = np.asarray(maps)
     if masks.ndim != 3 or maps.ndim != 3:
@@ -158,13 +165,19 @@ def _check_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.nda
     return masks > 0, maps
 
 
+def _flat(x) -> np.ndarray:
+    """All pixels of an (n, H, W) array or of a list of 2-D arrays, as one 1-D array."""
+    return np.concatenate([a.ravel() for a in x]) if isinstance(x, list) else x.ravel()
+
+
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     """Pixel-level AUROC and average precision over all pixels of all images.
 
     Args:
         masks: (n_images, H, W) ground truth, nonzero = anomalous (0/1 or 0/255);
-            images without defects contribute all-zero masks.
-        maps: (n_images, H, W) pixel anomaly scores, same shape.
+            images without defects contribute all-zero masks. Images of different
+            sizes: a list of (H_i, W_i) arrays (here and in :func:`aupro`).
+        maps: (n_images, H, W) pixel anomaly scores, same shape (or a list).
 
     Returns:
         ``{"pixel_auroc", "pixel_ap"}``, both ``nan`` (with a warning) when no
@@ -174,11 +187,11 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     392x392 in ``benchmarks/bench_eval.py``; scikit-learn needs 700 MiB).
     """
     positive, maps = _check_maps(masks, maps)
-    positive = positive.ravel()
+    positive = _flat(positive)
     n_pos = int(positive.sum())
     if _undefined("pixel AUROC/AP", n_pos, positive.size - n_pos):
         return {"pixel_auroc": _NAN, "pixel_ap": _NAN}
-    tps, fps, _ = _binary_curve(positive, maps.ravel())
+    tps, fps, _ = _binary_curve(positive, _flat(maps))
     auroc, ap = _auroc_ap(tps, fps)
     return {"pixel_auroc": auroc, "pixel_ap": ap}
 
@@ -200,9 +213,9 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> Optional[tuple[np.ndarray,
     """
     gt, maps = _check_maps(masks, maps)
     structure = np.ones((3, 3), dtype=int)  # 8-connectivity
-    pro_change = np.zeros(gt.shape, dtype=np.float64)
+    pro_change = [np.zeros(g.shape, dtype=np.float64) for g in gt]
     n_regions = 0
-    for i in range(gt.shape[0]):
+    for i in range(len(gt)):
         labelled, n = ndimage.label(gt[i], structure=structure)
         if n == 0:
             continue
@@ -211,17 +224,19 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> Optional[tuple[np.ndarray,
         weight[1:] = 1.0 / sizes[1:]
         pro_change[i] = weight[labelled]  # 1 / region size on region pixels, 0 elsewhere
         n_regions += n
+    gt = _flat(gt)
     n_negatives = int((~gt).sum())
     if n_regions == 0 or n_negatives == 0:
         what = "no ground-truth region" if n_regions == 0 else "no normal pixel"
-        logger.warning("AUPRO is undefined: the masks have %s (%d images); reporting nan", what, gt.shape[0])
+        logger.warning("AUPRO is undefined: the masks have %s (%d images); reporting nan", what, len(pro_change))
         return None
+    pro_change = _flat(pro_change)
 
-    scores = maps.ravel()
+    scores = _flat(maps)
     order = np.argsort(scores)[::-1]
     scores = scores[order]
-    fps = np.cumsum(~gt.ravel()[order], dtype=np.int64)
-    pros = np.cumsum(pro_change.ravel()[order])
+    fps = np.cumsum(~gt[order], dtype=np.int64)
+    pros = np.cumsum(pro_change[order])
     del order, pro_change
     # Keep only the last point of every run of tied scores: it includes all of them.
     keep = np.append(np.diff(scores) != 0, True)

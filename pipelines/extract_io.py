@@ -4,6 +4,7 @@ that writes finished batches to the store while the backbone runs on the next on
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from pathlib import Path
@@ -13,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import ImageTransform, MaskTransform, make_preview
+from .backbone import make_preview
 from .datasets import Sample
 from .errors import DatasetError
+from .geometry import Geometry
 
 # Batches waiting for the writer thread; bounds memory to this many batches of features.
 WRITE_QUEUE_BATCHES = 4
@@ -25,7 +27,8 @@ WRITE_QUEUE_BATCHES = 4
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, S, S)``, mask ``(S, S)``, preview, or an error."""
+    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, H, W)``, mask ``(H, W)`` (the geometry's frame),
+    preview, or an error."""
 
     def __init__(self, root: Path, samples: list[Sample], indices: np.ndarray, image_size: int,
                  preview_size: int) -> None:
@@ -34,7 +37,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.indices = indices
         self.image_size = image_size
         self.preview_size = preview_size
-        self.image_tf = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # crop only; normalised on device
+        # Where images go (funad.pipelines.geometry); extract sets the store's own after construction.
+        self.geometry: Geometry = Geometry.paper(image_size, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -44,6 +48,7 @@ class ImageDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         try:
             crop, mask = self._load(s)
+            digest = source_digest(self.root / s.path)
         except Exception as exc:  # any decoding failure is reported with its path, in the main process
             return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
         return {
@@ -51,22 +56,40 @@ class ImageDataset(torch.utils.data.Dataset):
             "error": None,
             "image": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
             "mask": mask,
-            "preview": make_preview(crop, self.preview_size),
+            "digest": digest,
+            "preview": (make_preview(crop, self.preview_size) if self.geometry.mode == "paper"
+                        else self.geometry.preview(crop)),
         }
 
     def _load(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
         with Image.open(self.root / s.path) as im:
             im.load()
             size = im.size
-            crop = self.image_tf.crop(im)
+            crop = self.geometry.crop(im, str(self.root / s.path))
         if s.mask_path is None:
-            return crop, np.zeros((self.image_size, self.image_size), np.uint8)
+            return crop, np.zeros(crop.shape[:2], np.uint8)
         with Image.open(self.root / s.mask_path) as m:
             if m.size != size:
                 raise DatasetError(f"mask {self.root / s.mask_path} is {m.size[0]}x{m.size[1]} but the image is "
                                    f"{size[0]}x{size[1]}; masks must have their image's size")
-            mask = MaskTransform(self.image_size, s.mask_threshold)(m)
+            mask = self.geometry.crop_mask(m, s.mask_threshold)
         return crop, mask
+
+
+_NO_DIGEST = np.zeros(32, np.uint8)
+
+
+def source_digest(path: Path) -> np.ndarray:
+    """``(32,) uint8``: the sha256 of the file's bytes, which the store keeps to recognise the file renamed
+    (:mod:`funad.pipelines.extract_table`). The file was just decoded, so it is read from the page cache."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    except FileNotFoundError:  # an image made at extraction (a synthetic anomaly) has no file
+        return _NO_DIGEST
+    return np.frombuffer(h.digest(), np.uint8)
 
 
 def collate(items: list[dict]) -> dict:
@@ -77,6 +100,7 @@ def collate(items: list[dict]) -> dict:
         batch["images"] = torch.stack([it["image"] for it in good])
         batch["masks"] = np.stack([it["mask"] for it in good])
         batch["previews"] = np.stack([it["preview"] for it in good])
+        batch["digests"] = np.stack([it.get("digest", _NO_DIGEST) for it in good])
     return batch
 
 
@@ -110,7 +134,7 @@ class BatchWriter:
                 else:
                     self._store.write_batch(payload["indices"], patch_tokens=payload["patch_tokens"],
                                             class_tokens=payload["class_tokens"], masks=payload["masks"],
-                                            previews=payload["previews"])
+                                            previews=payload["previews"], digests=payload.get("digests"))
                     self.written += len(payload["indices"])
                     self._task.advance(len(payload["indices"]))
             except BaseException as exc:  # re-raised in the main thread by put()/close()
