@@ -43,16 +43,21 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
               help="Image-loading worker processes [default: 0 on CPU, where the backbone uses every core; up to 8 on GPU].")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming into it.")
+@click.option("--prune-missing", is_flag=True,
+              help="Drop from the store the images whose file is no longer in DATA [default: keep them, marked "
+                   "missing from the source, and list them].")
 @user_errors
 def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Optional[Path], layer: Optional[int],
             image_size: Optional[int], device: str, batch_size: Optional[int], precision: str, fmt: Optional[str],
-            dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool) -> None:
+            dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool, prune_missing: bool) -> None:
     """Run the backbone once over DATA and store its features in OUTPUT.
 
     Re-running on the same OUTPUT resumes: finished images are kept (after a
     check of their checksums; damaged ones are redone), the rest are extracted.
     Different backbone, weights, layer or size settings are refused unless
-    --overwrite is given.
+    --overwrite is given. New files in DATA are appended to the store and
+    extracted; files gone from DATA are listed and kept, marked missing
+    (--prune-missing drops them); renamed files are recognised by content.
 
     Several processes (GPUs, nodes) fill one zarr store when launched with
     torchrun: `torchrun --nproc_per_node=N -m funad extract DATA -o OUTPUT ...`.
@@ -66,9 +71,12 @@ def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Opti
     with RichProgress(disable=rank != 0) as progress:
         result = run_extract(data, output, dataset=dataset, backbone=spec, device=device, batch_size=batch_size,
                              precision=precision, format=fmt, dtype=dtype, num_workers=num_workers,
-                             skip_bad=skip_bad, overwrite=overwrite, progress=progress)
+                             skip_bad=skip_bad, overwrite=overwrite, prune_missing=prune_missing,
+                             progress=progress)
     if rank != 0:
         return
+    for line in result.table.lines() if result.table is not None else ():
+        stdout_console.print(f"{result.path}: {line}", soft_wrap=True)
     stdout_console.print(
         f"{result.path}: {result.written} images written, {result.skipped} skipped, {result.already} already "
         f"complete ({result.n_images} in all) in {result.seconds:.1f} s"

@@ -36,6 +36,7 @@ from .datasets import Sample, detect_kind, read_dataset
 from . import distributed
 from .device import auto_precision, resolve_device
 from .errors import DatasetError, PipelineError
+from . import extract_table
 from .extract_io import BatchWriter, ImageDataset, collate
 from .progress import NullProgress, Progress
 
@@ -57,6 +58,7 @@ class ExtractResult:
     skipped: int
     already: int
     seconds: float
+    table: Optional[extract_table.TableReport] = None  # new, removed and renamed files (rank 0 only)
 
     @property
     def images_per_second(self) -> float:
@@ -101,6 +103,7 @@ def extract(
     num_workers: Optional[int] = None,
     skip_bad: bool = False,
     overwrite: bool = False,
+    prune_missing: bool = False,
     progress: Progress = NullProgress(),
 ) -> ExtractResult:
     """Extract backbone features of every image of ``data`` into the store ``output``.
@@ -118,6 +121,8 @@ def extract(
         num_workers: DataLoader worker processes (None: :func:`default_num_workers`).
         skip_bad: record unreadable images as skipped instead of stopping.
         overwrite: replace an existing store instead of resuming into it.
+        prune_missing: drop from the store the images whose file is no longer in ``data`` (by default
+            they are kept, marked missing from the source; :mod:`funad.pipelines.extract_table`).
 
     Returns an :class:`ExtractResult`. Raises :class:`DatasetError` for a bad
     dataset or an unreadable image (without ``skip_bad``), :class:`BackboneError`
@@ -132,7 +137,8 @@ def extract(
     try:
         return _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
                         batch_size=batch_size, precision=precision, format=format, dtype=dtype,
-                        num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite, progress=progress)
+                        num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite,
+                        prune_missing=prune_missing, progress=progress)
     finally:
         group.close()
 
@@ -140,7 +146,7 @@ def extract(
 def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str,
              backbone: Union[BackboneSpec, Backbone], device: str, batch_size: Optional[int], precision: str,
              format: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
-             progress: Progress) -> ExtractResult:
+             prune_missing: bool, progress: Progress) -> ExtractResult:
     """:func:`extract` in one of ``group.world`` processes: rank 0 creates or checks the store and
     redoes damaged images, every rank extracts its share of the pending images, rank 0 closes."""
     if group.world > 1 and cache.infer_format(output, format) == "hdf5":
@@ -166,14 +172,17 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
                   "dataset_kind": kind, "dataset_root": str(root.resolve())}
 
     # rank 0 holds the writer lock for the whole run; the other ranks write without it
-    store = (group.leader_runs(lambda: _open_store(output, records, bb, attributes, dtype=dtype, format=format,
-                                                   overwrite=overwrite))
-             or cache.open(output, "a", format=format, lock=False))
+    # (rank 0 also brings the store's sample table in line with the folder: new, removed, renamed files)
+    opened = group.leader_runs(lambda: _open_store(output, records, bb, attributes, dtype=dtype, format=format,
+                                                   overwrite=overwrite, root=root, prune=prune_missing))
+    store, table = opened or (cache.open(output, "a", format=format, lock=False), None)
     try:
         damaged = _find_damaged(store, group, progress)
-        if damaged:  # marked by rank 0 before any rank writes again
-            group.leader_runs(lambda: store.mark_pending(damaged))
+        if damaged:  # marked by rank 0 before any rank writes again (a damaged image whose file is gone: skipped)
+            group.leader_runs(lambda: (store.mark_pending(damaged), extract_table.skip_vanished_pending(store)))
         pending = np.union1d(np.flatnonzero(~store.complete), damaged).astype(np.int64)
+        pending = np.setdiff1d(pending, store.missing_from_source)  # no file to extract them from
+        samples = extract_table.aligned(store, samples)  # by store index (appended images come last)
         result = _run(store, root, samples, bb, pending[group.rank :: group.world], skip_bad=skip_bad,
                       batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                       num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
@@ -182,7 +191,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
     finally:
         store.close()  # rank 0's close refreshes the records snapshot
     total = ExtractResult(Path(store.path), store.n_images, written, skipped, store.n_images - pending.size,
-                          result.seconds)
+                          result.seconds, table)
     if group.world > 1 and group.leader:
         logger.info("%s: %d ranks wrote %d images (%d skipped) in %.1f s, %.2f images/s", output, group.world,
                     written, skipped, total.seconds, total.images_per_second)
@@ -201,19 +210,21 @@ def _precheck(output: Path, format: Optional[str], requested: dict, records: lis
 
 
 def _open_store(output: Path, records: list[dict], bb: Backbone, attributes: dict, *, dtype: str,
-                format: Optional[str], overwrite: bool):
+                format: Optional[str], overwrite: bool, root: Path, prune: bool):
+    """``(store, TableReport or None)``: a new store, or the existing one with its table synced to ``records``."""
     if overwrite or not (output.exists() or output.is_symlink()):
         return cache.create(output, samples=records, grid=bb.grid, token_dim=bb.token_dim,
                             mask_size=(bb.image_size, bb.image_size), preview_size=bb.preview_size,
-                            dtype=dtype, attributes=attributes, format=format, overwrite=overwrite)
+                            dtype=dtype, attributes=attributes, format=format, overwrite=overwrite), None
     store = cache.open(output, "a", format=format)
     try:
         _check_resumable(store, {k: attributes[k] for k in RESUME_KEYS}, records)
+        store, table = extract_table.sync(store, root, records, prune=prune)
     except BaseException:
         store.close()
         raise
     logger.info("resuming %s: %d of %d images already complete", output, int(store.complete.sum()), store.n_images)
-    return store
+    return store, table
 
 
 def _find_damaged(store, group: distributed.Group, progress: Progress) -> list[int]:
@@ -232,26 +243,15 @@ def _find_damaged(store, group: distributed.Group, progress: Progress) -> list[i
 
 
 def _check_resumable(store, requested: dict, records: list[dict]) -> None:
-    """Raise CacheMismatchError unless ``store`` has the ``requested`` settings and sample table."""
+    """Raise CacheMismatchError unless ``store`` has the ``requested`` settings and its images keep their
+    split, label and defect type in ``records`` (new and removed files are fine: :mod:`.extract_table`)."""
     diffs = store.check_compatible(requested)
     if diffs:
         listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
         raise cache.CacheMismatchError(
             f"{store.path} was extracted with other settings ({listed}). Re-run with the store's settings to "
             f"resume it, or pass --overwrite to start over")
-    _check_same_samples(store.path, store.samples, records)
-
-
-def _check_same_samples(output: Path, stored: list[dict], records: list[dict]) -> None:
-    if stored == records:
-        return
-    if len(stored) != len(records):
-        detail = f"the store has {len(stored)} images, the dataset now has {len(records)}"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(stored, records)) if a != b)
-        detail = f"image {i} is {stored[i]} in the store but {records[i]} in the dataset"
-    raise cache.CacheMismatchError(f"{output} holds another sample table ({detail}); write to a new output, "
-                                   f"or pass --overwrite to start over")
+    extract_table.compare(store, records)
 
 
 def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.ndarray, *, batch_size: int,
@@ -286,6 +286,7 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.nda
                 "class_tokens": cls.to(out_dtype).cpu().numpy(),
                 "masks": batch["masks"],
                 "previews": batch["previews"],
+                "digests": batch["digests"],
             })
     except BaseException:
         try:

@@ -1,0 +1,169 @@
+"""``funad extract`` on a folder that changed: new images appended, removed and renamed files reported."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from funad import cache
+from funad.cli.extract_cmd import extract as extract_cli
+from funad.pipelines.backbone import Backbone, BackboneSpec, load_backbone
+from funad.pipelines.datasets import read_dataset as real_read
+from funad.pipelines.extract import extract
+
+from test_extract import SIZE, TINY, make_mvtec, write_png
+
+
+@pytest.fixture(scope="module")
+def bb() -> Backbone:
+    return load_backbone(BackboneSpec(TINY, image_size=SIZE, pretrained=False), "cpu", precision="fp32")
+
+
+def _run(data, out, bb, **kw):
+    return extract(data, out, backbone=bb, batch_size=1, num_workers=0, **kw)  # batches of 1: values never
+    # depend on what else is in the batch
+
+
+def _by_path(path) -> dict:
+    with cache.open(path) as store:
+        feats = store.read_features(store.indices())
+        return {p: f for p, f in zip(store.paths[store.indices()].tolist(), feats)}
+
+
+@pytest.mark.parametrize("name", ["f.zarr", "f.h5"])
+def test_new_images_are_appended_and_only_they_are_extracted(tmp_path, bb, name, monkeypatch):
+    data = make_mvtec(tmp_path / "data", n_train=3)
+    out = tmp_path / name
+    _run(data, out, bb)
+    with cache.open(out) as store:
+        old_paths, old_feats = store.paths.tolist(), store.read_features(np.arange(store.n_images))
+    write_png(data / "train/good/100.png", seed=7)
+    write_png(data / "test/good/050.png", seed=8)
+
+    seen = []
+    original = Backbone.__call__
+    monkeypatch.setattr(Backbone, "__call__", lambda self, x: seen.append(len(x)) or original(self, x))
+    result = _run(data, out, bb)
+    assert (result.written, result.already, result.n_images) == (2, 6, 8) and sum(seen) == 2
+    assert result.table.added == ["train/good/100.png", "test/good/050.png"] and not result.table.missing
+    with cache.open(out) as store:
+        assert store.paths.tolist() == old_paths + ["train/good/100.png", "test/good/050.png"]
+        assert store.complete.all() and store.verify() == []
+        np.testing.assert_array_equal(store.read_features(np.arange(6)), old_feats)  # ids of old images unchanged
+        assert store.source_digests([6])[0] is not None
+    _run(data, tmp_path / ("fresh" + out.suffix), bb)
+    fresh, grown = _by_path(tmp_path / ("fresh" + out.suffix)), _by_path(out)
+    assert fresh.keys() == grown.keys()
+    for p in fresh:  # the grown store holds what a fresh extraction of the folder holds
+        np.testing.assert_array_equal(grown[p], fresh[p], err_msg=p)
+    again = _run(data, out, bb)
+    assert (again.written, again.already) == (0, 8) and not again.table.changed
+
+
+def test_an_interrupted_append_resumes(tmp_path, bb, monkeypatch):
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    out = tmp_path / "f.zarr"
+    _run(data, out, bb)
+    for i in range(3):
+        write_png(data / f"train/good/1{i}.png", seed=40 + i)
+    calls = {"n": 0}
+    original = Backbone.__call__
+
+    def stop_on_second(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", stop_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, out, bb)
+    monkeypatch.setattr(Backbone, "__call__", original)
+    with cache.open(out) as store:
+        assert store.n_images == 8 and store.status.tolist() == [1] * 5 + [1, 0, 0]
+        with pytest.raises(cache.IncompleteCacheError, match="train/good/11.png"):
+            store.read_features([6])  # an unfinished appended image is never read as complete
+    result = _run(data, out, bb)
+    assert (result.written, result.already) == (2, 6) and not result.table.added  # the table grew already
+    with cache.open(out) as store:
+        assert store.complete.all() and store.verify() == []
+
+
+def test_removed_and_renamed_files_are_reported_and_kept_until_pruned(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=4)
+    out = tmp_path / "f.zarr"
+    _run(data, out, bb)
+    with cache.open(out) as store:
+        feats_2 = store.read_features([2])
+    (data / "train/good/001.png").unlink()
+    shutil.move(data / "train/good/002.png", data / "train/good/two.png")
+    result = _run(data, out, bb)
+    t = result.table
+    assert t.missing == ["train/good/001.png", "train/good/002.png"]
+    assert t.renamed == [("train/good/002.png", "train/good/two.png")] and t.added == ["train/good/two.png"]
+    assert result.written == 1
+    with cache.open(out) as store:
+        assert store.missing_from_source.tolist() == [1, 2] and store.n_images == 8
+        np.testing.assert_array_equal(store.read_features([2]), feats_2)  # kept, readable
+        np.testing.assert_array_equal(store.read_features([7]), feats_2)  # same content, same features
+        assert store.summary()["missing_from_source"] == ["train/good/001.png", "train/good/002.png"]
+
+    pruned = _run(data, out, bb, prune_missing=True)
+    assert pruned.table.pruned == ["train/good/001.png", "train/good/002.png"] and pruned.written == 0
+    with cache.open(out) as store:
+        assert store.n_images == 6 and "train/good/001.png" not in store.paths.tolist()
+        assert store.missing_from_source.size == 0 and store.verify() == []
+
+
+def test_a_changed_split_is_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
+    from funad.pipelines import extract as extract_module
+    from funad.pipelines.extract_table import compare
+
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    out = tmp_path / "f.zarr"
+    _run(data, out, bb)
+    with cache.open(out) as store:
+        records = store.samples
+        records[0] = {**records[0], "split": "test"}
+        with pytest.raises(cache.CacheMismatchError, match=r"train/good/000.png \(split 'train' -> 'test'\).*new output"):
+            compare(store, records)
+
+    class Loaded(Exception):
+        pass
+
+    def no_loading(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(extract_module, "load_backbone", no_loading)
+    monkeypatch.setattr(extract_module, "read_dataset", lambda root, kind: [
+        *real_read(root, kind)[1:], type(real_read(root, kind)[0])("train/good/000.png", "test", 0, "good", None)])
+    spec = BackboneSpec(TINY, image_size=SIZE, pretrained=False)
+    with pytest.raises(cache.CacheMismatchError, match=r"train/good/000.png \(split 'train' -> 'test'\)"):
+        extract(data, out, backbone=spec, precision="fp32", num_workers=0)
+    monkeypatch.setattr(extract_module, "read_dataset", real_read)
+    write_png(data / "train/good/100.png", seed=7)
+    with pytest.raises(Loaded):  # a new file passes the check; only then does the backbone load
+        extract(data, out, backbone=spec, precision="fp32", num_workers=0)
+
+
+def test_cli_lists_new_and_missing_files(tmp_path, bb):
+    from safetensors.torch import save_file
+
+    data = make_mvtec(tmp_path / "data", n_train=1)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    out = tmp_path / "f.zarr"
+    args = [str(data), "-o", str(out), "--backbone", TINY, "--weights", str(weights), "--image-size", str(SIZE),
+            "--device", "cpu", "--precision", "fp32", "--num-workers", "0"]
+    assert CliRunner().invoke(extract_cli, args).exit_code == 0
+    (data / "test/good/000.png").unlink()
+    write_png(data / "train/good/007.png", seed=70)
+    res = CliRunner().invoke(extract_cli, args)
+    assert res.exit_code == 0, res.output
+    assert "1 new images appended: train/good/007.png" in res.output
+    assert ("1 images are no longer in the dataset folder; kept in the store, marked missing (pass --prune-missing "
+            "to drop them): test/good/000.png") in res.output
+    assert "1 images written, 0 skipped, 4 already complete (5 in all)" in res.output
