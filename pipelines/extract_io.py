@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import ImageTransform, MaskTransform, make_preview
+from .backbone import make_preview
 from .datasets import Sample
 from .errors import DatasetError
+from .geometry import Geometry
 
 # Batches waiting for the writer thread; bounds memory to this many batches of features.
 WRITE_QUEUE_BATCHES = 4
@@ -26,7 +27,8 @@ WRITE_QUEUE_BATCHES = 4
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, S, S)``, mask ``(S, S)``, preview, or an error."""
+    """Item k -> dict for image ``indices[k]``: uint8 input ``(3, H, W)``, mask ``(H, W)`` (the geometry's frame),
+    preview, or an error."""
 
     def __init__(self, root: Path, samples: list[Sample], indices: np.ndarray, image_size: int,
                  preview_size: int) -> None:
@@ -35,7 +37,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.indices = indices
         self.image_size = image_size
         self.preview_size = preview_size
-        self.image_tf = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # crop only; normalised on device
+        # Where images go (funad.pipelines.geometry); extract sets the store's own after construction.
+        self.geometry: Geometry = Geometry.paper(image_size, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -54,21 +57,22 @@ class ImageDataset(torch.utils.data.Dataset):
             "image": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
             "mask": mask,
             "digest": digest,
-            "preview": make_preview(crop, self.preview_size),
+            "preview": (make_preview(crop, self.preview_size) if self.geometry.mode == "paper"
+                        else self.geometry.preview(crop)),
         }
 
     def _load(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
         with Image.open(self.root / s.path) as im:
             im.load()
             size = im.size
-            crop = self.image_tf.crop(im)
+            crop = self.geometry.crop(im, str(self.root / s.path))
         if s.mask_path is None:
-            return crop, np.zeros((self.image_size, self.image_size), np.uint8)
+            return crop, np.zeros(crop.shape[:2], np.uint8)
         with Image.open(self.root / s.mask_path) as m:
             if m.size != size:
                 raise DatasetError(f"mask {self.root / s.mask_path} is {m.size[0]}x{m.size[1]} but the image is "
                                    f"{size[0]}x{size[1]}; masks must have their image's size")
-            mask = MaskTransform(self.image_size, s.mask_threshold)(m)
+            mask = self.geometry.crop_mask(m, s.mask_threshold)
         return crop, mask
 
 
