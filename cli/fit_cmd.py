@@ -41,7 +41,7 @@ def parse_sets(values: tuple[str, ...], method: str = "funad") -> tuple[tuple[st
 
 # Options that define the fit; on --resume those not given take the recorded value.
 _SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select",
-                 "threshold_rule", "expected_contamination")
+                 "threshold_rule", "expected_contamination", "synthetic", "tokens")
 
 
 def _show(value: Any) -> str:
@@ -115,6 +115,13 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("--expected-contamination", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
               show_default=True, metavar="SHARE",
               help="Share of the training images expected to be anomalous (used by --threshold-rule quantile).")
+@click.option("--synthetic/--no-synthetic", default=None,
+              help="Train on the cache's FUN-AD* synthetic anomalies (funad extract --synthetic), unlabelled and "
+                   "pseudo-labelled like the rest [default: yes when the cache holds them]; --synthetic on a cache "
+                   "without them is an error. --set synthetic=mask uses their masks as labels instead.")
+@click.option("--tokens", type=click.Choice(["patch", "class"]), default="patch", show_default=True,
+              help="patch: the paper's patch features; class: the image-level variant on the class tokens alone "
+                   "(P = 1; eval then reports image metrics only).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
 @click.option("--keep-checkpoint", is_flag=True,
@@ -126,7 +133,8 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @user_errors
 def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
-        select: str, threshold_rule: str, expected_contamination: float, resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
+        select: str, threshold_rule: str, expected_contamination: float, synthetic: Optional[bool], tokens: str,
+        resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
     \b
@@ -140,7 +148,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
 
     options = {"method": method, "preset": preset, "epochs": epochs, "seed": seed,
                "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select,
-               "threshold_rule": threshold_rule, "expected_contamination": expected_contamination}
+               "threshold_rule": threshold_rule, "expected_contamination": expected_contamination,
+               "synthetic": synthetic, "tokens": tokens}
     recorded = _recorded_options(model_dir) if resume else None
     if recorded:
         ctx = click.get_current_context()
@@ -156,7 +165,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     spec = FitSpec(method=options["method"], preset=options["preset"], overrides=overrides, epochs=options["epochs"],
                    seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
                    coreset_ratio=options["coreset_ratio"], select=options["select"],
-                   threshold_rule=options["threshold_rule"], expected_contamination=options["expected_contamination"])
+                   threshold_rule=options["threshold_rule"], expected_contamination=options["expected_contamination"],
+                   synthetic=options["synthetic"], tokens=options["tokens"])
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
                          overwrite=overwrite, keep_checkpoint=keep_checkpoint, eval_every=eval_every,
@@ -165,7 +175,9 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     console.print(
         f"[green]model written to {model_dir}[/] ({spec.method}"
         f"{', preset ' + spec.preset if spec.method == 'funad' else ''}, {split['n_train']} training images, "
-        f"{split['n_moved']} moved anomalies, {result.seconds:.1f} s)"
+        f"{split['n_moved']} moved anomalies"
+        + (f", {len(split['synthetic_ids'])} synthetic anomalies" if split.get("synthetic_ids") else "")
+        + (", class tokens only" if spec.tokens == "class" else "") + f", {result.seconds:.1f} s)"
     )
     thr = result.config.get("threshold")
     if thr:

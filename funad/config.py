@@ -21,6 +21,9 @@ SELF_EXCLUSIONS = ("auto", "distance", "identity")
 BANK_RULES = ("minmax", "rank")
 
 
+SYNTHETIC_MODES = ("off", "pseudo", "mask")  # FunADConfig.synthetic
+
+
 @dataclass(frozen=True)
 class FunADConfig:
     # --- the algorithm (paper symbols) ---
@@ -47,6 +50,8 @@ class FunADConfig:
     bank_rule: str = "minmax"  # bank candidates: Ŝ < τ_b after min-max (paper), or "rank": the τ_b share scoring lowest
     max_iterations: Optional[int] = None  # cap on epochs x steps: fewer epochs on large training sets (paper: none)
     ema: Optional[float] = None  # keep an exponential moving average of the Local-Net weights with this decay and use it for inference (paper: none, the last weights)
+    # --- FUN-AD* (paper Sec. 5.3) ---
+    synthetic: str = "pseudo"  # synthetic anomaly images in the training data: "pseudo" = unlabelled and pseudo-labelled like the rest, no L_ms gradient through them (paper); "mask" = their Perlin masks as labels (supp. Table 5); "off" = left out
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -73,6 +78,8 @@ class FunADConfig:
               f"max_iterations must be >= 1 or None, got {self.max_iterations}")
         check(self.ema is None or 0.0 <= self.ema < 1.0, f"ema must lie in [0, 1) or be None, got {self.ema}")
 
+        check(self.synthetic in SYNTHETIC_MODES,
+              f"synthetic must be one of {list(SYNTHETIC_MODES)}, got {self.synthetic!r}")
     @property
     def exclude_self_by(self) -> str:
         """The self-exclusion rule in force: "distance" or "identity".

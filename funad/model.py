@@ -24,7 +24,7 @@ from .nn import NNIndex
 from .ops import autocast, images_per_chunk
 from .perturb import draw_noise
 from .train_stats import Clock, Diagnostics, EpochStats
-from .train_step import make_targets, optimise
+from .train_step import make_targets, optimise, use_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,25 @@ def update_average(averaged: LocalNet, net: LocalNet, decay: float) -> None:
     """One step of the weights' exponential moving average: a <- decay * a + (1 - decay) * w."""
     for a, w in zip(averaged.parameters(), net.parameters()):
         a.lerp_(w, 1.0 - decay)
+
+
+def _synthetic_flags(cfg: FunADConfig, synthetic: Optional[np.ndarray], labels: Optional[np.ndarray], n: int,
+                     p: int, device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Check ``fit``'s synthetic arguments; (n,) bool on the CPU and (n, P) float labels on ``device``, or None."""
+    if synthetic is None or not np.asarray(synthetic).any():
+        return None, None
+    flags = torch.as_tensor(np.asarray(synthetic, dtype=bool))
+    if flags.shape != (n,):
+        raise DataError(f"synthetic flags have shape {tuple(flags.shape)}, the features hold {n} images")
+    if cfg.synthetic == "off":
+        raise ConfigError(f"config synthetic='off' but {int(flags.sum())} images are flagged synthetic; "
+                          "leave them out of the features or set synthetic to 'pseudo' or 'mask'")
+    if cfg.synthetic != "mask":
+        return flags, None
+    if labels is None or np.asarray(labels).shape != (n, p):
+        raise DataError(f"synthetic='mask' needs synthetic_labels of shape ({n}, {p}), got "
+                        f"{None if labels is None else np.asarray(labels).shape}")
+    return flags, torch.as_tensor(np.asarray(labels), dtype=torch.float32, device=device)
 
 
 class FunAD:
@@ -56,7 +75,8 @@ class FunAD:
     def fit(self, features: FeaturesLike, *, device: Union[str, torch.device, None] = None,
             callback: Optional[Callable[[dict], None]] = None, diagnostics: Optional[dict] = None,
             checkpoint: Optional[dict] = None, on_checkpoint: Optional[Callable[[dict], None]] = None,
-            checkpoint_every: int = 1, nn_backend: str = "auto") -> "FunAD":
+            checkpoint_every: int = 1, nn_backend: str = "auto", synthetic: Optional[np.ndarray] = None,
+            synthetic_labels: Optional[np.ndarray] = None) -> "FunAD":
         """Train Local-Net on unlabelled features.
 
         Args:
@@ -79,6 +99,9 @@ class FunAD:
                 states, epoch, config) every ``checkpoint_every`` epochs and
                 after the last one.
             nn_backend: bank search back-end of :class:`funad.nn.NNIndex`.
+            synthetic: (n_images,) bool, FUN-AD*'s synthetic anomaly images among the features; they train
+                as ``config.synthetic`` says (:func:`funad.train_step.use_synthetic`).
+            synthetic_labels: (n_images, n_patches) 0/1, their masks on the patch grid (for ``synthetic="mask"``).
 
         The bank is rebuilt at the first step of every epoch and then every
         ``bank_every`` steps, so a resumed run needs no saved bank.
@@ -94,6 +117,7 @@ class FunAD:
             raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         device = torch.device(device) if device is not None else source_device(source)
         diag = Diagnostics(diagnostics, n, p)
+        syn, syn_labels = _synthetic_flags(cfg, synthetic, synthetic_labels, n, p, device)
         if diag.patch_labels is not None:
             diag.patch_labels = diag.patch_labels.to(device)
 
@@ -142,6 +166,10 @@ class FunAD:
                 if by_identity:
                     query_ids = (torch.as_tensor(batch_idx, device=device)[:, None] * p + positions).flatten()
                 targets = make_targets(a, index, cfg, query_ids, bank_ids)
+                if syn is not None and bool(syn[batch_idx].any()):
+                    flags = syn[batch_idx][:, None].expand(-1, positions.numel()).flatten()
+                    labels = None if syn_labels is None else syn_labels[batch_idx][:, positions].flatten()
+                    targets = use_synthetic(targets, flags.to(device), cfg.synthetic, labels)
                 clock.lap("search")
 
                 step_losses = optimise(net, opt, f, targets, cfg, draw_noise(f, noise_gen))

@@ -35,6 +35,8 @@ class Targets:
         y: (n,) float 0/1 pseudo-labels, d̂ > τ_n.
         amb: (n,) bool, τ_n < d̂ < τ_c: the patches to perturb.
         pairs: int64 (n_pairs, 2) mutual nearest pairs among the batch's adapted features.
+        no_ms_grad: (n,) bool or None: patches whose predictions L_ms treats as constants
+            (FUN-AD*'s synthetic images, :func:`use_synthetic`).
     """
 
     d: torch.Tensor
@@ -42,6 +44,7 @@ class Targets:
     y: torch.Tensor
     amb: torch.Tensor
     pairs: torch.Tensor
+    no_ms_grad: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -92,6 +95,27 @@ def make_targets(adapted: torch.Tensor, index: NNIndex, config: FunADConfig,
                    amb=ambiguous(d_hat, config.tau_n, config.tau_c), pairs=batch_mutual_pairs(adapted))
 
 
+@torch.no_grad()
+def use_synthetic(targets: Targets, synthetic: torch.Tensor, mode: str,
+                  mask_labels: Optional[torch.Tensor] = None) -> Targets:
+    """FUN-AD*: how the batch's synthetic anomaly patches train (``FunADConfig.synthetic``).
+
+    Args:
+        targets: from :func:`make_targets` on the batch.
+        synthetic: (n,) bool, the patches of synthetic images (flattened like ``targets.y``).
+        mode: "pseudo" keeps their pseudo-labels (the paper); "mask" replaces them with
+            ``mask_labels`` ((n,) 0/1, the Perlin masks on the patch grid) and does not perturb them.
+    In both modes the mutual-smoothness loss does not back-propagate through them.
+    """
+    targets.no_ms_grad = synthetic
+    if mode == "mask":
+        if mask_labels is None:
+            raise ValueError("synthetic='mask' needs the synthetic images' patch labels")
+        targets.y = torch.where(synthetic, mask_labels.to(targets.y.dtype), targets.y)
+        targets.amb = targets.amb & ~synthetic
+    return targets
+
+
 def optimise(net: LocalNet, opt: torch.optim.Optimizer, f: torch.Tensor, targets: Targets, config: FunADConfig,
              noise: torch.Tensor) -> Losses:
     """Steps 5, 7 and 8: perturb the ambiguous patches, compute L = L_bce + λ·L_ms, take one step.
@@ -115,11 +139,18 @@ def optimise(net: LocalNet, opt: torch.optim.Optimizer, f: torch.Tensor, targets
     if config.ms_on_clean:
         with autocast(device, config.bf16):
             p_clean = net(f).flatten().float()
-        loss_ms = losses.mutual_smoothness(p_clean, targets.pairs)
+        loss_ms = losses.mutual_smoothness(_ms_input(p_clean, targets), targets.pairs)
     else:
-        loss_ms = losses.mutual_smoothness(p_tilde, targets.pairs)
+        loss_ms = losses.mutual_smoothness(_ms_input(p_tilde, targets), targets.pairs)
     loss = loss_bce + config.lambda_ * loss_ms
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return Losses(loss.detach(), loss_bce.detach(), loss_ms.detach())
+
+
+def _ms_input(pred: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Predictions for L_ms: those of ``targets.no_ms_grad`` patches detached (constants)."""
+    if targets.no_ms_grad is None:
+        return pred
+    return torch.where(targets.no_ms_grad, pred.detach(), pred)

@@ -54,6 +54,9 @@ from .progress import NullProgress, Progress
 logger = logging.getLogger(__name__)
 
 RESIDENCIES = ("auto", "memory", "stream")
+# What a fit trains on: "patch" = (P, 2C) per image, the class token beside each patch token (the paper's
+# f = [c, p]); "class" = (1, C), the class token alone (the image-level variant, P = 1, f_i = c_i).
+TOKENS = ("patch", "class")
 # Share of the available host RAM / free GPU memory that in-memory features may take.
 RAM_FRACTION = 0.5
 GPU_FRACTION = 0.5
@@ -123,23 +126,49 @@ def choose_residency(resident: str, n_bytes: int, device: torch.device,
     return "stream", torch.device("cpu")
 
 
+def token_shape(store, tokens: str = "patch") -> tuple[int, int]:
+    """(n_patches, dim) of one image's features of kind ``tokens``."""
+    check_tokens(store, tokens)
+    return (1, int(store.token_dim)) if tokens == "class" else (int(store.n_patches), int(store.feature_dim))
+
+
+def check_tokens(store, tokens: str) -> None:
+    """PipelineError unless ``tokens`` is known and the store holds them."""
+    if tokens not in TOKENS:
+        raise PipelineError(f"--tokens must be one of {list(TOKENS)}, got {tokens!r}")
+    if tokens == "class" and not getattr(store, "has_class_tokens", True):
+        raise PipelineError(f"--tokens class: cache {store.path} stores no class tokens (it was written by an "
+                            "older funad); re-extract it with `funad extract`, or fit on --tokens patch")
+
+
+def read_tokens(store, indices: np.ndarray, tokens: str = "patch") -> np.ndarray:
+    """float32 features of store images ``indices``: (n, P, 2C) patch features or (n, 1, C) class tokens."""
+    if tokens == "class":
+        return np.asarray(store.read_class_tokens(np.asarray(indices, dtype=np.int64)), dtype=np.float32)[:, None]
+    return store.read_features(np.asarray(indices, dtype=np.int64), dtype="float32")
+
+
 def load_features(store, indices: np.ndarray, *, device: torch.device = torch.device("cpu"),
                   chunk: int = 64, progress: Progress = NullProgress(),
-                  description: str = "loading features") -> torch.Tensor:
+                  description: str = "loading features", tokens: str = "patch") -> torch.Tensor:
     """Read the features of ``indices`` into one float32 tensor.
 
     Args:
         store: an open ``funad.cache`` store.
         indices: (n,) image indices into the store.
         device: where the tensor goes; chunks are copied there as they are read.
+        tokens: "patch" or "class" (:data:`TOKENS`).
     Returns:
-        float32 (n, P, D) on ``device``, rows in the order of ``indices``.
+        float32 (n, P, D) on ``device`` ((n, 1, C) for class tokens), rows in the order of ``indices``.
     """
     indices = np.asarray(indices, dtype=np.int64)
-    out = torch.empty((len(indices), store.n_patches, store.feature_dim), dtype=torch.float32, device=device)
+    out = torch.empty((len(indices), *token_shape(store, tokens)), dtype=torch.float32, device=device)
     task = progress.task(description, total=len(indices), unit="img")
     pos = 0
-    for idx, feats in store.iter_features(indices, chunk=chunk, dtype="float32"):
+    chunks = (store.iter_features(indices, chunk=chunk, dtype="float32") if tokens == "patch" else
+              ((indices[i:i + chunk], read_tokens(store, indices[i:i + chunk], tokens))
+               for i in range(0, len(indices), chunk)))
+    for idx, feats in chunks:
         n = len(idx)
         out[pos:pos + n] = torch.from_numpy(feats).to(device)
         pos += n
@@ -158,23 +187,35 @@ class StoreSource:
     once), widened to float32, and moves them to ``device``.
     """
 
-    def __init__(self, store, indices: np.ndarray, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, store, indices: np.ndarray, device: torch.device = torch.device("cpu"),
+                 tokens: str = "patch") -> None:
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
         self.device = torch.device(device)
+        self.tokens = tokens
         self.n_images = len(self.indices)
-        self.n_patches = int(store.n_patches)
-        self.dim = int(store.feature_dim)
+        self.n_patches, self.dim = token_shape(store, tokens)
 
     def get(self, indices) -> torch.Tensor:
         """(n,) source indices -> float32 (n, P, D) on ``self.device``."""
         local = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-        feats = self.store.read_features(self.indices[local], dtype="float32")
-        return torch.from_numpy(feats).to(self.device)
+        return torch.from_numpy(read_tokens(self.store, self.indices[local], self.tokens)).to(self.device)
+
+
+class FirstImages:
+    """The FeatureSource of a source's first ``n`` images (the real ones, before FUN-AD*'s synthetic ones)."""
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n_images = source, int(n)
+        self.n_patches, self.dim = source.n_patches, source.dim
+        self.device = getattr(source, "device", torch.device("cpu"))
+
+    def get(self, indices) -> torch.Tensor:
+        return self.source.get(indices)
 
 
 def make_source(store, indices: np.ndarray, *, resident: str = "auto", device: torch.device = torch.device("cpu"),
-                progress: Progress = NullProgress()):
+                progress: Progress = NullProgress(), tokens: str = "patch"):
     """The FeatureSource over store images ``indices`` for a fit on ``device``.
 
     Returns a ``funad.data.TensorSource`` (memory) or a :class:`StoreSource`
@@ -182,11 +223,11 @@ def make_source(store, indices: np.ndarray, *, resident: str = "auto", device: t
     """
     from funad.data import TensorSource
 
-    n_bytes = feature_bytes(len(indices), store.n_patches, store.feature_dim)
+    n_bytes = feature_bytes(len(indices), *token_shape(store, tokens))
     mode, where = choose_residency(resident, n_bytes, torch.device(device))
     if mode == "stream":
-        return StoreSource(store, indices, device=torch.device("cpu"))
-    return TensorSource(load_features(store, indices, device=where, progress=progress))
+        return StoreSource(store, indices, device=torch.device("cpu"), tokens=tokens)
+    return TensorSource(load_features(store, indices, device=where, progress=progress, tokens=tokens))
 
 
 def patch_labels(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -29,8 +29,9 @@ from . import modeldir, thresholds
 from .checkpoints import Checkpointer, check_resume, checkpoint_epoch
 from .device import resolve_device
 from .errors import PipelineError
-from .features import RESIDENCIES, make_source
-from .fit_data import cache_record, check_complete, check_trainable, diagnostics_for, split_cache
+from .features import RESIDENCIES, TOKENS, FirstImages, check_tokens, make_source
+from .fit_data import (cache_record, check_complete, check_trainable, diagnostics_for, split_cache, synthetic_ids,
+                       synthetic_labels)
 from .oracle import ORACLE_WARNING, LearningCurve, OracleSelector
 from .progress import NullProgress, Progress
 from .settings import DEFAULT_PRESET, PRESETS, model_config
@@ -58,6 +59,8 @@ class FitSpec:
     overlap: bool = False
     coreset_ratio: Optional[float] = None
     select: str = "final"
+    synthetic: Optional[bool] = None  # FUN-AD* images: None = use them when the cache holds them, False = never
+    tokens: str = "patch"  # "patch", or "class": the image-level variant on the class tokens alone (P = 1)
     threshold_rule: str = thresholds.DEFAULT_RULE
     expected_contamination: float = thresholds.DEFAULT_EXPECTED_CONTAMINATION
 
@@ -75,6 +78,13 @@ class FitSpec:
             raise PipelineError(f"--coreset-ratio must lie in (0, 1], got {self.coreset_ratio}")
         if self.method != "funad" and self.select == "oracle":
             raise PipelineError(f"--select oracle applies to --method funad only ({self.method} has no epochs)")
+        if self.synthetic and self.method != "funad":
+            raise PipelineError(f"--synthetic applies to --method funad only ({self.method} would take the "
+                                "synthetic anomalies for normal images)")
+        if self.tokens not in TOKENS:
+            raise PipelineError(f"--tokens must be one of {list(TOKENS)}, got {self.tokens!r}")
+        if self.tokens == "class" and self.select == "oracle":
+            raise PipelineError("--select oracle measures pixel metrics, which --tokens class does not have")
 
     def rule(self):
         """The unlabelled threshold rule (:mod:`funad.pipelines.thresholds`)."""
@@ -82,7 +92,10 @@ class FitSpec:
 
     def model_config(self) -> dict:
         """The estimator's full config dict, as stored in config.json["config"]."""
-        return model_config(self.method, self.preset, overrides=self.overrides, epochs=self.epochs, seed=self.seed,
+        overrides = self.overrides
+        if self.synthetic is False and self.method == "funad":
+            overrides = tuple(overrides) + (("synthetic", "off"),)  # --no-synthetic
+        return model_config(self.method, self.preset, overrides=overrides, epochs=self.epochs, seed=self.seed,
                             coreset_ratio=self.coreset_ratio)
 
     def to_dict(self) -> dict:
@@ -177,8 +190,10 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
 
     with cache.open(cache_path, mode="r") as store:
         check_complete(store)
+        check_tokens(store, spec.tokens)
         split = split_cache(store, spec.contamination, spec.overlap, spec.seed)
-        train_ids = np.asarray(split["train_ids"], dtype=np.int64)
+        split["synthetic_ids"] = synthetic_ids(store, config_dict.get("synthetic", "off"), spec.synthetic).tolist()
+        train_ids = training_ids(split)
         check_trainable(store, train_ids, config_dict.get("batch_size"))
         if spec.select == "oracle" and not split["labelled"]:
             raise PipelineError(f"--select oracle needs test labels, and cache {store.path} has none")
@@ -191,6 +206,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             "cache": cache_record(store, Path(cache_path)),
             "contamination": split,
             "selection": spec.select,
+            "tokens": spec.tokens,
             "funad_version": __version__,
             "device": str(dev),
             "complete": False,
@@ -200,16 +216,19 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         modeldir.write_config(model_dir, config)  # complete: false until the weights are written
         if spec.select == "oracle":
             logger.warning(ORACLE_WARNING)
-        logger.info("fitting %s on %d images of %s on %s", spec.method, len(train_ids), store.path, dev)
+        logger.info("fitting %s on %d images of %s on %s (%s tokens, %d synthetic)", spec.method, len(train_ids),
+                    store.path, dev, spec.tokens, len(split["synthetic_ids"]))
+        if spec.tokens == "class" and eval_every is not None:
+            raise PipelineError("--eval-every measures pixel metrics, which --tokens class does not have")
 
-        source = make_source(store, train_ids, resident=resident, device=dev, progress=progress)
+        source = make_source(store, train_ids, resident=resident, device=dev, progress=progress, tokens=spec.tokens)
         model = modeldir.build_model(spec.method, config_dict, device=dev)
         log: list[dict] = []
         oracle_record = None
         if spec.method == "funad":
             state, log, oracle_record = _fit_funad(model, store, source, split, config_dict, model_dir, checkpoint,
                                                    dev, spec.select == "oracle", checkpoint_seconds,
-                                                   keep_checkpoint, eval_every, progress)
+                                                   keep_checkpoint, eval_every, progress, spec.tokens)
         else:
             model.fit(source)
             state = model.state_dict()
@@ -217,8 +236,10 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             model.load_state_dict(state, device=dev)
             config["oracle"] = {"warning": ORACLE_WARNING, **oracle_record}
         # Decide without labels: thresholds from the training images' scores (no label is read).
-        config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, source, store.grid,
-                                                                     store.mask_size, spec.rule(), dev, progress)
+        real = source if not split["synthetic_ids"] else FirstImages(source, len(split["train_ids"]))
+        grid, mask_size = ((1, 1), (1, 1)) if spec.tokens == "class" else (store.grid, store.mask_size)
+        config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, real, grid, mask_size,
+                                                                     spec.rule(), dev, progress)
 
     modeldir.save_weights(model_dir, state)
     config["complete"] = True
@@ -231,15 +252,22 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
     return FitResult(model_dir=model_dir, model=model, config=config, seconds=config["fit_seconds"], log=log)
 
 
+def training_ids(split: dict) -> np.ndarray:
+    """Store indices a fit trains on: the split's training images, then the synthetic ones it uses."""
+    return np.concatenate([np.asarray(split["train_ids"], dtype=np.int64),
+                           np.asarray(split.get("synthetic_ids", []), dtype=np.int64)])
+
+
 def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path, checkpoint: Optional[dict],
                dev: torch.device, oracle: bool, checkpoint_seconds: float, keep_checkpoint: bool,
-               eval_every: Optional[int], progress: Progress) -> tuple[dict, list, Optional[dict]]:
+               eval_every: Optional[int], progress: Progress,
+               tokens: str = "patch") -> tuple[dict, list, Optional[dict]]:
     """Run ``FunAD.fit`` with logging, checkpoints (also on Ctrl-C) and, optionally, oracle selection
     and a learning curve on the test split.
 
     Returns ``(state to save, per-epoch records, oracle record or None)``.
     """
-    train_ids = np.asarray(split["train_ids"], dtype=np.int64)
+    train_ids = training_ids(split)
     epochs = model.config.epochs_for(len(train_ids))  # fewer than config["epochs"] when max_iterations caps them
     done = checkpoint_epoch(checkpoint)
     if checkpoint is not None:
@@ -265,10 +293,15 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
     task.advance(done)
     callback = _EpochLogger(model_dir, task, len(train_ids) // int(config["batch_size"]), done, curve, model)
     checkpointer = Checkpointer(model_dir, checkpoint_seconds, also=selector)
-    diagnostics = diagnostics_for(store, train_ids) if split["labelled"] else None
+    diagnostics = diagnostics_for(store, train_ids, tokens) if split["labelled"] else None
+    synthetic = np.isin(train_ids, split["synthetic_ids"])
+    labels = None
+    if synthetic.any() and model.config.synthetic == "mask":
+        labels = np.zeros((len(train_ids), source.n_patches), dtype=np.uint8)
+        labels[synthetic] = synthetic_labels(store, train_ids[synthetic], tokens)
     try:
         model.fit(source, device=dev, callback=callback, diagnostics=diagnostics, checkpoint=checkpoint,
-                  on_checkpoint=checkpointer, checkpoint_every=1)
+                  on_checkpoint=checkpointer, checkpoint_every=1, synthetic=synthetic, synthetic_labels=labels)
     except KeyboardInterrupt:
         saved = checkpointer.flush()
         if saved is None:

@@ -39,7 +39,7 @@ def split_cache(store, ratio: float, overlap: bool, seed: int) -> dict:
         labelled, n_normal_train, n_moved, and moved/train/test ids (store
         indices, sorted) with their sample paths.
     """
-    usable = store.indices(complete_only=True)
+    usable = np.union1d(store.indices("train"), store.indices("test"))  # never the synthetic split
     labels = np.asarray(store.labels)[usable]
     splits = np.asarray(store.splits)[usable]
     labelled = len(usable) > 0 and bool((labels >= 0).all())
@@ -73,6 +73,21 @@ def split_cache(store, ratio: float, overlap: bool, seed: int) -> dict:
     }
 
 
+def synthetic_ids(store, mode: str, requested: Optional[bool] = None) -> np.ndarray:
+    """Store indices of the FUN-AD* synthetic images a fit trains on (``funad extract --synthetic``).
+
+    Args:
+        mode: ``FunADConfig.synthetic``; "off" trains on none.
+        requested: ``funad fit --synthetic`` (True) makes a cache without them an error; None and False
+            (``--no-synthetic``, which the caller turns into mode "off") do not.
+    """
+    ids = np.asarray(store.indices("synthetic"), dtype=np.int64)
+    if requested and ids.size == 0:
+        raise PipelineError(f"--synthetic: cache {store.path} holds no synthetic images; extract them with "
+                            "`funad extract DATA -o CACHE --synthetic 0.05`, or drop --synthetic")
+    return ids if mode != "off" else ids[:0]
+
+
 def check_trainable(store, train_ids: np.ndarray, batch_size: Optional[int]) -> None:
     """Raise PipelineError when there is nothing (or too little) to train on."""
     if len(train_ids) == 0:
@@ -104,7 +119,14 @@ def cache_record(store, path: Path) -> dict:
     }
 
 
-def diagnostics_for(store, train_ids: np.ndarray) -> dict:
+def synthetic_labels(store, ids: np.ndarray, tokens: str = "patch") -> np.ndarray:
+    """uint8 (n, P) labels of synthetic images ``ids`` from their Perlin masks (all 1 for class tokens)."""
+    if tokens == "class":
+        return np.ones((len(ids), 1), dtype=np.uint8)
+    return patch_labels(store.read_masks(ids), store.grid)
+
+
+def diagnostics_for(store, train_ids: np.ndarray, tokens: str = "patch") -> dict:
     """Labels the fit may log but never act upon (``FunAD.fit(diagnostics=...)``).
 
     Returns ``{"image_labels": (N,) int64, "patch_labels": (N, P) uint8}``
@@ -112,6 +134,8 @@ def diagnostics_for(store, train_ids: np.ndarray) -> dict:
     masks max-pooled onto the patch grid.
     """
     image_labels = np.asarray(store.labels)[train_ids].astype(np.int64)
+    if tokens == "class":  # one "patch" per image: its label is the image's
+        return {"image_labels": image_labels, "patch_labels": image_labels[:, None].astype(np.uint8)}
     masks = store.read_masks(train_ids)
     return {"image_labels": image_labels, "patch_labels": patch_labels(masks, store.grid)}
 

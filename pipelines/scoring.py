@@ -73,6 +73,22 @@ def measure(patch_scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, gri
     return Measured(patch_scores, image_scores, maps, compute_metrics(labels, image_scores, masks, maps))
 
 
+# Why a class-token model has no pixel metrics (metrics.json["pixel_metrics_absent"], the eval CLI).
+NO_PIXEL_METRICS = ("the model was fitted on class tokens alone (funad fit --tokens class): it gives one score per "
+                    "image and no patch scores, so there is no anomaly map to compare with the masks")
+
+
+def measure_images(image_scores: np.ndarray, labels: np.ndarray) -> Measured:
+    """:func:`measure` for a class-token model: image metrics, pixel metrics NaN (:data:`NO_PIXEL_METRICS`)."""
+    image_scores = np.asarray(image_scores, dtype=np.float32)
+    image = metrics.image_metrics(labels, image_scores)
+    nan = float("nan")
+    values = {"image_auroc": image["image_auroc"], "pixel_auroc": nan, "aupro": nan, "image_ap": image["image_ap"],
+              "pixel_ap": nan, "image_f1_max": image["image_f1_max"],
+              "image_f1_threshold": image["image_f1_threshold"]}
+    return Measured(image_scores[:, None], image_scores, np.empty((len(image_scores), 0, 0), np.float32), values)
+
+
 def model_scores(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(patch scores (n, P), image scores (n,))`` of one batch, float32.
 
@@ -103,20 +119,27 @@ def score_tensor(model, features: torch.Tensor, *, device: torch.device, chunk: 
 
 
 def score_cached(model, store, indices: np.ndarray, *, device: torch.device, batch_size: int = SCORE_CHUNK,
-                 progress: Progress = NullProgress(), with_images: bool = False):
+                 progress: Progress = NullProgress(), with_images: bool = False, tokens: str = "patch"):
     """Patch scores of cached images read from ``store`` in batches.
 
     Args:
         indices: (n,) image indices into the store.
+        tokens: "patch", or "class" for a model fitted on the class tokens alone (P = 1).
     Returns:
         (n, P) float32 patch scores, higher = more anomalous; with
         ``with_images``, ``(patch scores, image scores (n,))`` (:func:`model_scores`).
     """
-    out = np.empty((len(indices), store.n_patches), dtype=np.float32)
+    from .features import read_tokens, token_shape
+
+    out = np.empty((len(indices), token_shape(store, tokens)[0]), dtype=np.float32)
     images = np.empty(len(indices), dtype=np.float32)
     task = progress.task("scoring", total=len(indices), unit="img")
     pos = 0
-    for idx, feats in store.iter_features(indices, chunk=batch_size):
+    indices = np.asarray(indices, dtype=np.int64)
+    chunks = (store.iter_features(indices, chunk=batch_size) if tokens == "patch" else
+              ((indices[i:i + batch_size], read_tokens(store, indices[i:i + batch_size], tokens))
+               for i in range(0, len(indices), batch_size)))
+    for idx, feats in chunks:
         x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device)
         out[pos:pos + len(idx)], images[pos:pos + len(idx)] = model_scores(model, x)
         pos += len(idx)

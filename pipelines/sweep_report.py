@@ -27,7 +27,7 @@ COLUMNS = (
     ("key", "method", "preset", "params", "overlap", "ratio", "seed")
     + METRICS
     + ("thr_rule",) + THRESHOLD_METRICS
-    + ("n_train", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
+    + ("n_train", "n_synthetic", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
        "selection", "reused_from", "cache_fingerprint", "funad_version")
     + tuple(f"cfg_{f}" for f in FIELDS)
     + ("cfg_coreset_ratio",)
