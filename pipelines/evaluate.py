@@ -31,7 +31,7 @@ from .eval_report import (ORACLE_WARNING, TABLE_CAPTION, TABLE_COLUMNS, EvalResu
                           write_pictures, write_scores_csv, write_summary)
 from .modeldir import ModelInfo, check_cache_compatible, load_model_dir
 from .progress import NullProgress, Progress
-from .scoring import MAP_SIGMA, measure, score_cached
+from .scoring import MAP_SIGMA, NO_PIXEL_METRICS, measure, measure_images, score_cached
 
 __all__ = ["evaluate", "evaluate_many", "EvalResult", "mean_row", "write_summary", "TABLE_COLUMNS", "TABLE_CAPTION",
            "ORACLE_WARNING", "MAP_SIGMA", "place_model", "check_report_dir"]
@@ -142,17 +142,24 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         check_fingerprint(store, info)
         ids, labels = _labelled_test_ids(info, store)
 
-        masks = store.read_masks(ids)
+        tokens = info.raw.get("tokens", "patch")
+        masks = store.read_masks(ids) if tokens == "patch" else None
         start = time.perf_counter()
         patch_scores, image_scores = score_cached(model, store, ids, device=dev, batch_size=batch_size,
-                                                  progress=progress, with_images=True)
-        result = measure(patch_scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=dev,
-                         image_scores=image_scores)
+                                                  progress=progress, with_images=True, tokens=tokens)
+        if tokens == "class":
+            result = measure_images(image_scores, labels)
+            logger.warning("%s: image metrics only: %s", model_dir, NO_PIXEL_METRICS)
+        else:
+            result = measure(patch_scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=dev,
+                             image_scores=image_scores)
         seconds = time.perf_counter() - start
         image_scores, maps, values = result.image_scores, result.maps, result.metrics
         threshold = values["image_f1_threshold"]
         predictions = (image_scores >= threshold).astype(np.int64)  # all 0 when the threshold is nan
         record = metrics_record(info, store, ids, labels, values, predictions, seconds, dev)
+        if tokens == "class":
+            record["pixel_metrics_absent"] = NO_PIXEL_METRICS
         own = thresholds.recorded(info)
         decided = thresholds.at_thresholds(own, labels, image_scores)
         at = decided["model_threshold"] or {}
@@ -167,7 +174,9 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         files = [report_dir / "scores.csv"]
         write_scores_csv(files[0], ids, store.samples, image_scores, predictions,
                          None if own is None else float(own["image"]))
-        if pictures:
+        if pictures and tokens == "class":
+            logger.warning("%s: no pictures: they show anomaly maps, which a class-token model does not make", model_dir)
+        elif pictures:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += write_pictures(report_dir, store=store, ids=ids, masks=masks, maps=maps, scores=image_scores,
                                     labels=labels, top_k=top_k, threshold=threshold, title=title)

@@ -61,16 +61,16 @@ from funad import __version__, cache
 from . import modeldir, thresholds
 from .device import resolve_device
 from .errors import PipelineError
-from .features import choose_residency, feature_bytes, load_features
-from .fit_data import check_complete, check_trainable, split_cache
+from .features import FirstImages, choose_residency, feature_bytes, load_features
+from .fit_data import check_complete, check_trainable, split_cache, synthetic_ids, synthetic_labels
 from .progress import NullProgress, Progress
 from .scoring import MAP_SIGMA, measure, score_tensor
 from .sweep_grid import OVERLAPS, Cell, MethodSpec, build_grid, parse_floats, parse_grid_sets, parse_ints, parse_methods
-from .sweep_report import (COLUMNS, METRICS, PLOT_PNG, RESULTS_CSV, RESULTS_MD, SWEEP_JSON, append_row, read_results,
+from .sweep_report import (COLUMNS, METRICS, THRESHOLD_METRICS, PLOT_PNG, RESULTS_CSV, RESULTS_MD, SWEEP_JSON, append_row, read_results,
                            write_cell_scores, write_markdown, write_plot)
 
 __all__ = ["sweep", "run_cell", "parse_methods", "parse_floats", "parse_ints", "parse_grid_sets", "build_grid",
-           "Cell", "MethodSpec", "METRICS", "COLUMNS", "RESULTS_CSV", "RESULTS_MD", "PLOT_PNG", "DEFAULT_RATIOS"]
+           "Cell", "MethodSpec", "METRICS", "THRESHOLD_METRICS", "COLUMNS", "RESULTS_CSV", "RESULTS_MD", "PLOT_PNG", "DEFAULT_RATIOS"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
     train_ids = np.asarray(split["train_ids"], dtype=np.int64)
     test_ids = np.asarray(split["test_ids"], dtype=np.int64)
     config = cell.config
+    # FUN-AD* synthetic anomalies (funad extract --synthetic) join the training images as the config says
+    syn_ids = synthetic_ids(store, config.get("synthetic", "off"))
     check_trainable(store, train_ids, config.get("batch_size"))
     if len(test_ids) == 0:
         raise PipelineError(f"cell {cell.key}: the split has no test images to evaluate")
@@ -116,17 +118,23 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
 
     start = time.perf_counter()
     model = modeldir.build_model(cell.spec.method, config, device=device)
-    source = TensorSource(feats.pool.index_select(0, feats.rows(train_ids)))
+    source = TensorSource(feats.pool.index_select(0, feats.rows(np.concatenate([train_ids, syn_ids]))))
     if cell.spec.method == "funad":
         def on_epoch(record: dict) -> None:
             loss = record.get("loss")
             task.update(**{"epoch": record.get("epoch", ""), **({"loss": float(loss)} if loss is not None else {})})
 
-        model.fit(source, device=device, callback=on_epoch)
+        synthetic = np.arange(source.n_images) >= len(train_ids)
+        labels = None
+        if len(syn_ids) and config.get("synthetic") == "mask":
+            labels = np.zeros((source.n_images, source.n_patches), dtype=np.uint8)
+            labels[synthetic] = synthetic_labels(store, syn_ids)
+        model.fit(source, device=device, callback=on_epoch, synthetic=synthetic, synthetic_labels=labels)
     else:
         model.fit(source)
     # The unlabelled thresholds, exactly as `funad fit` chooses them (default rule and parameters).
-    record = thresholds.fit_thresholds(model, cell.spec.method, source, store.grid, store.mask_size,
+    record = thresholds.fit_thresholds(model, cell.spec.method, FirstImages(source, len(train_ids)), store.grid,
+                                       store.mask_size,
                                        thresholds.rule_for(cell.spec.method), device)
     del source
     fit_s = time.perf_counter() - start
@@ -151,7 +159,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
         "thr_rule": record["rule"], "precision_at_thr": decided["model_threshold"]["precision"],
         "recall_at_thr": decided["model_threshold"]["recall"], "f1_at_thr": decided["model_threshold"]["f1"],
         **{f"f1_thr_{name}": r["f1"] for name, r in decided["candidates"].items()},
-        "n_train": len(train_ids), "n_test": len(test_ids), "n_moved": split["n_moved"],
+        "n_train": len(train_ids), "n_synthetic": len(syn_ids), "n_test": len(test_ids), "n_moved": split["n_moved"],
         "moved_ids": split["moved_ids"], "fit_s": fit_s, "score_s": score_s, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
         "device": str(device), "selection": "final", "reused_from": "",
