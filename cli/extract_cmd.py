@@ -46,10 +46,16 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 @click.option("--prune-missing", is_flag=True,
               help="Drop from the store the images whose file is no longer in DATA [default: keep them, marked "
                    "missing from the source, and list them].")
+@click.option("--synthetic", type=float, default=None,
+              help="Also make FUN-AD* synthetic anomalies, this share of the training images (the paper: 0.05): "
+                   "Perlin-noise regions filled with a texture from another training image, stored as the split "
+                   "'synthetic' with their masks; a preview grid NAME.synthetic.png is written beside the store.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic images.")
 @user_errors
 def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Optional[Path], layer: Optional[int],
             image_size: Optional[int], device: str, batch_size: Optional[int], precision: str, fmt: Optional[str],
-            dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool, prune_missing: bool) -> None:
+            dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool, prune_missing: bool,
+            synthetic: Optional[float], seed: int) -> None:
     """Run the backbone once over DATA and store its features in OUTPUT.
 
     Re-running on the same OUTPUT resumes: finished images are kept (after a
@@ -71,7 +77,8 @@ def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Opti
     with RichProgress(disable=rank != 0) as progress:
         result = run_extract(data, output, dataset=dataset, backbone=spec, device=device, batch_size=batch_size,
                              precision=precision, format=fmt, dtype=dtype, num_workers=num_workers,
-                             skip_bad=skip_bad, overwrite=overwrite, prune_missing=prune_missing,
+                             skip_bad=skip_bad, overwrite=overwrite, prune_missing=prune_missing, synthetic=synthetic,
+                             seed=seed,
                              progress=progress)
     if rank != 0:
         return

@@ -39,6 +39,7 @@ from .errors import DatasetError, PipelineError
 from . import extract_table
 from .extract_io import BatchWriter, ImageDataset, collate
 from .progress import NullProgress, Progress
+from . import synthetic as synth
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def extract(
     skip_bad: bool = False,
     overwrite: bool = False,
     prune_missing: bool = False,
+    synthetic: Optional[float] = None,
+    seed: int = 0,
     progress: Progress = NullProgress(),
 ) -> ExtractResult:
     """Extract backbone features of every image of ``data`` into the store ``output``.
@@ -123,6 +126,8 @@ def extract(
         overwrite: replace an existing store instead of resuming into it.
         prune_missing: drop from the store the images whose file is no longer in ``data`` (by default
             they are kept, marked missing from the source; :mod:`funad.pipelines.extract_table`).
+        synthetic, seed: add ``round(synthetic * n_train)`` FUN-AD* synthetic anomalies made with ``seed``
+            (:mod:`funad.pipelines.synthetic`) after the real images, and write their preview grid beside the store.
 
     Returns an :class:`ExtractResult`. Raises :class:`DatasetError` for a bad
     dataset or an unreadable image (without ``skip_bad``), :class:`BackboneError`
@@ -133,20 +138,26 @@ def extract(
         raise PipelineError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise PipelineError(f"--num-workers must be 0 or more, got {num_workers}")
+    if synthetic is not None:
+        synth.check_ratio(synthetic)
     group = distributed.join()
     try:
-        return _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
-                        batch_size=batch_size, precision=precision, format=format, dtype=dtype,
-                        num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite,
-                        prune_missing=prune_missing, progress=progress)
+        result = _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
+                          batch_size=batch_size, precision=precision, format=format, dtype=dtype,
+                          num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite,
+                          prune_missing=prune_missing, synthetic=synthetic, seed=seed, progress=progress)
     finally:
         group.close()
+    if synthetic is not None and group.leader:
+        with cache.open(result.path, "r", format=format) as store:
+            logger.info("synthetic images with their masks: %s", synth.write_preview(store, synth.preview_path(output)))
+    return result
 
 
 def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str,
              backbone: Union[BackboneSpec, Backbone], device: str, batch_size: Optional[int], precision: str,
              format: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
-             prune_missing: bool, progress: Progress) -> ExtractResult:
+             prune_missing: bool, synthetic: Optional[float], seed: int, progress: Progress) -> ExtractResult:
     """:func:`extract` in one of ``group.world`` processes: rank 0 creates or checks the store and
     redoes damaged images, every rank extracts its share of the pending images, rank 0 closes."""
     if group.world > 1 and cache.infer_format(output, format) == "hdf5":
@@ -154,7 +165,11 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
                             f"{group.world} processes; write a zarr store (no .h5 suffix) with torchrun")
     kind = detect_kind(root) if dataset == "auto" and root.is_dir() else dataset
     samples = read_dataset(root, kind)
+    plan = synth.plan(samples, synthetic, seed, root=root) if synthetic is not None else None
+    if plan is not None:
+        samples = samples + plan.samples()
     records = [s.as_record() for s in samples]
+    synthetic_attr = {"synthetic": plan.attrs() if plan is not None else None}
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
@@ -166,10 +181,10 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         if exists:
             # refuse a store made with other settings before spending time on loading the backbone
             group.leader_runs(lambda: _precheck(output, format, {**known_metadata(backbone, precision),
-                                                                 "dtype": dtype}, records))
+                                                                 "dtype": dtype, **synthetic_attr}, records))
         bb = load_backbone(backbone, distributed.rank_device(resolve_device(device), group), precision=precision)
     attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
-                  "dataset_kind": kind, "dataset_root": str(root.resolve())}
+                  "dataset_kind": kind, "dataset_root": str(root.resolve()), **(synthetic_attr if plan else {})}
 
     # rank 0 holds the writer lock for the whole run; the other ranks write without it
     # (rank 0 also brings the store's sample table in line with the folder: new, removed, renamed files)
@@ -183,7 +198,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         pending = np.union1d(np.flatnonzero(~store.complete), damaged).astype(np.int64)
         pending = np.setdiff1d(pending, store.missing_from_source)  # no file to extract them from
         samples = extract_table.aligned(store, samples)  # by store index (appended images come last)
-        result = _run(store, root, samples, bb, pending[group.rank :: group.world], skip_bad=skip_bad,
+        result = _run(store, root, samples, bb, pending[group.rank :: group.world], plan, skip_bad=skip_bad,
                       batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                       num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
                       progress=progress)
@@ -218,7 +233,7 @@ def _open_store(output: Path, records: list[dict], bb: Backbone, attributes: dic
                             dtype=dtype, attributes=attributes, format=format, overwrite=overwrite), None
     store = cache.open(output, "a", format=format)
     try:
-        _check_resumable(store, {k: attributes[k] for k in RESUME_KEYS}, records)
+        _check_resumable(store, {k: attributes.get(k) for k in (*RESUME_KEYS, "synthetic")}, records)
         store, table = extract_table.sync(store, root, records, prune=prune)
     except BaseException:
         store.close()
@@ -254,7 +269,8 @@ def _check_resumable(store, requested: dict, records: list[dict]) -> None:
     extract_table.compare(store, records)
 
 
-def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.ndarray, *, batch_size: int,
+def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.ndarray,
+         plan: Optional[synth.SyntheticPlan], *, batch_size: int,
          num_workers: int, skip_bad: bool, progress: Progress) -> ExtractResult:
     """Extract images ``pending`` (this process's share) into ``store``."""
     already = store.n_images - pending.size
@@ -263,7 +279,8 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.nda
         return ExtractResult(Path(store.path), store.n_images, 0, 0, already, 0.0)
     task = progress.task("extract", total=pending.size, unit="img")
     loader = torch.utils.data.DataLoader(
-        ImageDataset(root, samples, pending, bb.image_size, bb.preview_size),
+        ImageDataset(root, samples, pending, bb.image_size, bb.preview_size) if plan is None else
+        synth.ImagesWithSynthetic(root, samples, pending, bb.image_size, bb.preview_size, plan),
         batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
         pin_memory=bb.device.type == "cuda")
     out_dtype = torch.float16 if store.dtype == "float16" else torch.float32
