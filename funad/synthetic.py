@@ -6,8 +6,8 @@ image, augmented (colour jitter, rotation, a crop), blended with a random
 opacity: the DRAEM recipe, with the texture source being the noisy training
 data itself instead of a clean texture set, since no clean data may be assumed.
 
-Everything is numpy/torch on arrays: images are uint8 (S, S, 3) in the
-backbone's input crop, masks uint8 (S, S) in {0, 1}. Randomness comes from the
+Everything is numpy/torch on arrays: images are uint8 (H, W, 3) as the
+backbone's input frame, masks uint8 (H, W) in {0, 1}. Randomness comes from the
 ``numpy.random.Generator`` the caller passes, so one seed gives one image.
 """
 
@@ -64,23 +64,24 @@ def perlin(y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return (top * (1 - uy) + bottom * uy) * math.sqrt(2)
 
 
-def perlin_noise(size: int, rng: np.random.Generator, params: SyntheticParams = SyntheticParams()) -> np.ndarray:
-    """Fractal Perlin noise (size, size), rotated by a random angle, standardised (mean 0, std 1)."""
+def perlin_noise(size, rng: np.random.Generator, params: SyntheticParams = SyntheticParams()) -> np.ndarray:
+    """Fractal Perlin noise of shape ``size`` (an int S or (H, W)), rotated by a random angle, standardised."""
+    h, w = (size, size) if np.isscalar(size) else size
     scale_y, scale_x = 2.0 ** rng.integers(params.min_scale_log2, params.max_scale_log2 + 1, size=2)
     theta = rng.uniform(-np.pi, np.pi)
-    v = (np.arange(size) + 0.5) / size - 0.5
-    yy, xx = np.meshgrid(v, v, indexing="ij")
+    side = max(h, w)  # one lattice scale for both axes of a non-square frame
+    yy, xx = np.meshgrid((np.arange(h) + 0.5 - h / 2) / side, (np.arange(w) + 0.5 - w / 2) / side, indexing="ij")
     ry = np.cos(theta) * yy - np.sin(theta) * xx  # rotate the sampling grid, so the blobs are rotated
     rx = np.sin(theta) * yy + np.cos(theta) * xx
-    noise = np.zeros((size, size))
+    noise = np.zeros((h, w))
     for octave in range(params.octaves):
         f = 2.0 ** octave
         noise += perlin(ry * scale_y * f, rx * scale_x * f, rng) / f
     return (noise - noise.mean()) / max(noise.std(), 1e-12)
 
 
-def perlin_mask(size: int, rng: np.random.Generator, params: SyntheticParams = SyntheticParams()) -> np.ndarray:
-    """uint8 (size, size) 0/1: thresholded Perlin noise covering ``min_area``..``max_area`` of the image."""
+def perlin_mask(size, rng: np.random.Generator, params: SyntheticParams = SyntheticParams()) -> np.ndarray:
+    """uint8 0/1 of shape ``size`` (S or (H, W)): thresholded Perlin noise covering ``min_area``..``max_area``."""
     noise = None
     for _ in range(params.max_tries):
         noise = perlin_noise(size, rng, params)
@@ -92,10 +93,10 @@ def perlin_mask(size: int, rng: np.random.Generator, params: SyntheticParams = S
     return (noise > np.quantile(noise, 1.0 - area)).astype(np.uint8)
 
 
-def augment_texture(texture: np.ndarray, rng: np.random.Generator,
-                    params: SyntheticParams = SyntheticParams()) -> np.ndarray:
-    """float32 (S, S, 3) in [0, 1]: ``texture`` (uint8 (S, S, 3)) colour-jittered, then a rotated
-    crop of it resized back to (S, S)."""
+def augment_texture(texture: np.ndarray, rng: np.random.Generator, params: SyntheticParams = SyntheticParams(),
+                    out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 1]: ``texture`` (uint8 (h, w, 3)) colour-jittered, then a rotated
+    crop of it resized to ``out_size`` (H, W) (default: its own size)."""
     t = torch.from_numpy(texture.astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
     t = t * float(rng.uniform(1 - params.brightness, 1 + params.brightness))
     grey = t.mean()
@@ -113,7 +114,7 @@ def augment_texture(texture: np.ndarray, rng: np.random.Generator,
     ty, tx = rng.uniform(-shift, shift, size=2)
     theta = torch.tensor([[s * math.cos(a), -s * math.sin(a), tx],
                           [s * math.sin(a), s * math.cos(a), ty]], dtype=torch.float32)[None]
-    grid = F.affine_grid(theta, (1, 3, *t.shape[1:]), align_corners=False)
+    grid = F.affine_grid(theta, (1, 3, *(out_size or t.shape[1:])), align_corners=False)
     out = F.grid_sample(t[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
     return out.permute(1, 2, 0).numpy()
 
@@ -123,17 +124,18 @@ def make_synthetic(base: np.ndarray, texture: np.ndarray, rng: np.random.Generat
     """One synthetic anomaly: ``base`` with a Perlin region filled by the augmented ``texture``.
 
     Args:
-        base, texture: uint8 (S, S, 3), two different training images (already cropped to the input size).
+        base: uint8 (H, W, 3), a training image as the backbone sees it.
+        texture: uint8 (h, w, 3), another training image (any size; it is cropped and resized to (H, W)).
         rng: the randomness of this image.
 
     Returns:
-        ``(image uint8 (S, S, 3), mask uint8 (S, S) in {0, 1})``.
+        ``(image uint8 (H, W, 3), mask uint8 (H, W) in {0, 1})``.
     """
-    if base.shape != texture.shape or base.ndim != 3 or base.shape[0] != base.shape[1] or base.shape[2] != 3:
-        raise ValueError(f"base and texture must both be (S, S, 3) uint8, got {base.shape} and {texture.shape}")
-    size = base.shape[0]
+    if base.ndim != 3 or base.shape[2] != 3 or texture.ndim != 3 or texture.shape[2] != 3:
+        raise ValueError(f"base and texture must be (H, W, 3) uint8 images, got {base.shape} and {texture.shape}")
+    size = base.shape[:2]
     mask = perlin_mask(size, rng, params)
-    tex = augment_texture(texture, rng, params)
+    tex = augment_texture(texture, rng, params, out_size=size)
     beta = float(rng.uniform(*params.beta))
     img = base.astype(np.float32) / 255.0
     m = mask[..., None].astype(np.float32)
