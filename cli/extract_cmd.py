@@ -28,6 +28,10 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
               help="Local weights file (timm .safetensors or the official DINO .pth) instead of downloading.")
 @click.option("--layer", type=int, default=None, help="Block to take tokens from, counting from 0 [default: last].")
 @click.option("--image-size", type=int, default=None, help="Input side S [default: the weights' own].")
+@click.option("--geometry", type=click.Choice(["paper", "full"]), default="paper", show_default=True,
+              help="paper: squash to a square of S*256/224 and centre-crop S (the paper's protocol; the border is "
+                   "never scored). full: the whole image with its aspect ratio, short side S, nothing cropped; "
+                   "frames larger than S x S are covered by overlapping S x S tiles stitched into one patch grid.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on CPU, 64 on GPU].")
@@ -53,9 +57,9 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic images.")
 @user_errors
 def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Optional[Path], layer: Optional[int],
-            image_size: Optional[int], device: str, batch_size: Optional[int], precision: str, fmt: Optional[str],
-            dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool, prune_missing: bool,
-            synthetic: Optional[float], seed: int) -> None:
+            image_size: Optional[int], geometry: str, device: str, batch_size: Optional[int], precision: str,
+            fmt: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
+            prune_missing: bool, synthetic: Optional[float], seed: int) -> None:
     """Run the backbone once over DATA and store its features in OUTPUT.
 
     Re-running on the same OUTPUT resumes: finished images are kept (after a
@@ -77,8 +81,8 @@ def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Opti
     with RichProgress(disable=rank != 0) as progress:
         result = run_extract(data, output, dataset=dataset, backbone=spec, device=device, batch_size=batch_size,
                              precision=precision, format=fmt, dtype=dtype, num_workers=num_workers,
-                             skip_bad=skip_bad, overwrite=overwrite, prune_missing=prune_missing, synthetic=synthetic,
-                             seed=seed,
+                             skip_bad=skip_bad, overwrite=overwrite, geometry=geometry, prune_missing=prune_missing,
+                             synthetic=synthetic, seed=seed,
                              progress=progress)
     if rank != 0:
         return

@@ -38,6 +38,8 @@ from .device import auto_precision, resolve_device
 from .errors import DatasetError, PipelineError
 from . import extract_table
 from .extract_io import BatchWriter, ImageDataset, collate
+from .geometry import DEFAULT_GEOMETRY, Geometry, as_stored, known_geometry, store_geometry
+from .tiles import embed
 from .progress import NullProgress, Progress
 from . import synthetic as synth
 
@@ -46,7 +48,7 @@ logger = logging.getLogger(__name__)
 # Store attributes that must match before a run may resume into an existing store.
 # "weights" (the file path) is left out: the same file moved elsewhere has the same sha256.
 RESUME_KEYS = ("backbone", "weights_sha256", "layer", "image_size", "resize", "crop", "resize_interpolation",
-               "mean", "std", "grid", "token_dim", "precision", "dtype")
+               "mean", "std", "grid", "token_dim", "precision", "dtype", "geometry", "frame", "tile_overlap")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def extract(
     skip_bad: bool = False,
     overwrite: bool = False,
     prune_missing: bool = False,
+    geometry: str = DEFAULT_GEOMETRY,
     synthetic: Optional[float] = None,
     seed: int = 0,
     progress: Progress = NullProgress(),
@@ -126,6 +129,8 @@ def extract(
         overwrite: replace an existing store instead of resuming into it.
         prune_missing: drop from the store the images whose file is no longer in ``data`` (by default
             they are kept, marked missing from the source; :mod:`funad.pipelines.extract_table`).
+        geometry: ``paper`` (squash and centre-crop) or ``full`` (the whole image, aspect kept, tiled);
+            see :mod:`funad.pipelines.geometry`. An existing store made with another one is refused.
         synthetic, seed: add ``round(synthetic * n_train)`` FUN-AD* synthetic anomalies made with ``seed``
             (:mod:`funad.pipelines.synthetic`) after the real images, and write their preview grid beside the store.
 
@@ -145,7 +150,8 @@ def extract(
         result = _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
                           batch_size=batch_size, precision=precision, format=format, dtype=dtype,
                           num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite,
-                          prune_missing=prune_missing, synthetic=synthetic, seed=seed, progress=progress)
+                          prune_missing=prune_missing, geometry=geometry, synthetic=synthetic, seed=seed,
+                          progress=progress)
     finally:
         group.close()
     if synthetic is not None and group.leader:
@@ -157,7 +163,7 @@ def extract(
 def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str,
              backbone: Union[BackboneSpec, Backbone], device: str, batch_size: Optional[int], precision: str,
              format: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
-             prune_missing: bool, synthetic: Optional[float], seed: int, progress: Progress) -> ExtractResult:
+             prune_missing: bool, geometry: str, synthetic: Optional[float], seed: int, progress: Progress) -> ExtractResult:
     """:func:`extract` in one of ``group.world`` processes: rank 0 creates or checks the store and
     redoes damaged images, every rank extracts its share of the pending images, rank 0 closes."""
     if group.world > 1 and cache.infer_format(output, format) == "hdf5":
@@ -181,14 +187,18 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         if exists:
             # refuse a store made with other settings before spending time on loading the backbone
             group.leader_runs(lambda: _precheck(output, format, {**known_metadata(backbone, precision),
-                                                                 "dtype": dtype, **synthetic_attr}, records))
+                                                                 **known_geometry(geometry), "dtype": dtype,
+                                                                 **synthetic_attr}, records))
         bb = load_backbone(backbone, distributed.rank_device(resolve_device(device), group), precision=precision)
-    attributes = {**bb.metadata, "dtype": dtype, "funad_version": funad.__version__,
+    recorded = None if overwrite or not (output.exists() or output.is_symlink()) else _recorded_attrs(output, format)
+    geom = store_geometry(geometry, bb, [root / s.path for s in samples if s.split != "synthetic"], recorded)
+    attributes = {**bb.metadata, **geom.attrs(), "dtype": dtype, "funad_version": funad.__version__,
                   "dataset_kind": kind, "dataset_root": str(root.resolve()), **(synthetic_attr if plan else {})}
 
     # rank 0 holds the writer lock for the whole run; the other ranks write without it
     # (rank 0 also brings the store's sample table in line with the folder: new, removed, renamed files)
-    opened = group.leader_runs(lambda: _open_store(output, records, bb, attributes, dtype=dtype, format=format,
+    opened = group.leader_runs(lambda: _open_store(output, records, geom, bb, attributes, dtype=dtype,
+                                                   format=format,
                                                    overwrite=overwrite, root=root, prune=prune_missing))
     store, table = opened or (cache.open(output, "a", format=format, lock=False), None)
     try:
@@ -198,7 +208,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         pending = np.union1d(np.flatnonzero(~store.complete), damaged).astype(np.int64)
         pending = np.setdiff1d(pending, store.missing_from_source)  # no file to extract them from
         samples = extract_table.aligned(store, samples)  # by store index (appended images come last)
-        result = _run(store, root, samples, bb, pending[group.rank :: group.world], plan, skip_bad=skip_bad,
+        result = _run(store, root, samples, bb, geom, pending[group.rank :: group.world], plan, skip_bad=skip_bad,
                       batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                       num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
                       progress=progress)
@@ -219,17 +229,22 @@ def _recorded_precision(output: Path, format: Optional[str]) -> Optional[str]:
         return existing.attrs.get("precision")
 
 
+def _recorded_attrs(output: Path, format: Optional[str]) -> dict:
+    with cache.open(output, "r", format=format) as existing:
+        return dict(existing.attrs)
+
+
 def _precheck(output: Path, format: Optional[str], requested: dict, records: list[dict]) -> None:
     with cache.open(output, "r", format=format) as existing:
         _check_resumable(existing, requested, records)
 
 
-def _open_store(output: Path, records: list[dict], bb: Backbone, attributes: dict, *, dtype: str,
+def _open_store(output: Path, records: list[dict], geom: Geometry, bb: Backbone, attributes: dict, *, dtype: str,
                 format: Optional[str], overwrite: bool, root: Path, prune: bool):
     """``(store, TableReport or None)``: a new store, or the existing one with its table synced to ``records``."""
     if overwrite or not (output.exists() or output.is_symlink()):
-        return cache.create(output, samples=records, grid=bb.grid, token_dim=bb.token_dim,
-                            mask_size=(bb.image_size, bb.image_size), preview_size=bb.preview_size,
+        return cache.create(output, samples=records, grid=geom.grid, token_dim=bb.token_dim,
+                            mask_size=geom.frame, preview_size=geom.preview_size,
                             dtype=dtype, attributes=attributes, format=format, overwrite=overwrite), None
     store = cache.open(output, "a", format=format)
     try:
@@ -260,7 +275,7 @@ def _find_damaged(store, group: distributed.Group, progress: Progress) -> list[i
 def _check_resumable(store, requested: dict, records: list[dict]) -> None:
     """Raise CacheMismatchError unless ``store`` has the ``requested`` settings and its images keep their
     split, label and defect type in ``records`` (new and removed files are fine: :mod:`.extract_table`)."""
-    diffs = store.check_compatible(requested)
+    diffs = store.check_compatible(as_stored(requested, dict(store.attrs)))
     if diffs:
         listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
         raise cache.CacheMismatchError(
@@ -269,7 +284,7 @@ def _check_resumable(store, requested: dict, records: list[dict]) -> None:
     extract_table.compare(store, records)
 
 
-def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.ndarray,
+def _run(store, root: Path, samples: list[Sample], bb: Backbone, geom: Geometry, pending: np.ndarray,
          plan: Optional[synth.SyntheticPlan], *, batch_size: int,
          num_workers: int, skip_bad: bool, progress: Progress) -> ExtractResult:
     """Extract images ``pending`` (this process's share) into ``store``."""
@@ -278,10 +293,11 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.nda
         logger.info("%s: no pending images for this process (%d in the store)", store.path, store.n_images)
         return ExtractResult(Path(store.path), store.n_images, 0, 0, already, 0.0)
     task = progress.task("extract", total=pending.size, unit="img")
+    images = (ImageDataset(root, samples, pending, bb.image_size, bb.preview_size) if plan is None else
+              synth.ImagesWithSynthetic(root, samples, pending, bb.image_size, bb.preview_size, plan))
+    images.geometry = geom
     loader = torch.utils.data.DataLoader(
-        ImageDataset(root, samples, pending, bb.image_size, bb.preview_size) if plan is None else
-        synth.ImagesWithSynthetic(root, samples, pending, bb.image_size, bb.preview_size, plan),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+        images, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
         pin_memory=bb.device.type == "cuda")
     out_dtype = torch.float16 if store.dtype == "float16" else torch.float32
     start = time.perf_counter()
@@ -296,7 +312,7 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, pending: np.nda
                 writer.put("skip", (index, reason))
             if not len(batch["indices"]):
                 continue
-            cls, patches = bb(bb.normalize(batch["images"]))
+            cls, patches = embed(bb, batch["images"], geom)  # the frame's tiles, stitched
             writer.put("write", {
                 "indices": batch["indices"],
                 "patch_tokens": patches.to(out_dtype).cpu().numpy(),

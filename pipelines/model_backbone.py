@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 
 from .errors import BackboneError
+from .geometry import Geometry
+from .tiles import embed
 from .modeldir import ModelInfo, attr_differences
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def backbone_for_model(info: ModelInfo, device: torch.device, *, weights: Option
         logger.warning("backbone precision %s differs from the %s the model's cache was extracted with; scores "
                        "will differ slightly from the cached ones", precision, recorded_precision)
     bb = load_backbone(_spec_for(attrs, info, weights), device, precision=precision)
-    check_backbone(bb.metadata, attrs, info)
+    bb.geometry = Geometry.from_attrs({**attrs, "image_size": bb.image_size, "patch_size": bb.patch_size})
+    check_backbone({**bb.metadata, **bb.geometry.attrs()}, attrs, info)  # grid: the store's frame, not one tile
     return bb
 
 
@@ -90,14 +93,16 @@ def features(bb, crops: torch.Tensor, store_dtype: str = "float32") -> torch.Ten
     """Backbone features laid out, and rounded, as the model's cache stores them.
 
     Args:
-        crops: (n, 3, S, S) uint8 resized and cropped images.
+        crops: (n, 3, H, W) uint8 images brought into the store's frame; a frame larger than the backbone's
+            input is embedded tile by tile and stitched (``bb.geometry``, set by :func:`backbone_for_model`).
         store_dtype: the cache's token dtype; tokens are rounded through it, as
             ``funad extract`` does before writing, so predict sees what fit saw.
     Returns:
         (n, P, 2C) float32 on the backbone's device: the class token repeated
         for every patch, then the patch token.
     """
-    cls, patches = bb(bb.normalize(crops))
+    geometry = getattr(bb, "geometry", None)
+    cls, patches = bb(bb.normalize(crops)) if geometry is None else embed(bb, crops, geometry)
     if store_dtype == "float16":
         cls, patches = cls.half().float(), patches.half().float()
     return torch.cat([cls[:, None, :].expand(-1, patches.shape[1], -1), patches], dim=2)

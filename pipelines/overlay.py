@@ -40,7 +40,7 @@ def lut() -> np.ndarray:
 
 def colourise(norm: np.ndarray) -> np.ndarray:
     """(H, W) normalised scores in [0, 1] -> (H, W, 3) uint8 colours."""
-    idx = np.clip(np.rint(np.asarray(norm, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    idx = np.clip(np.rint(np.nan_to_num(np.asarray(norm, dtype=np.float32)) * 255.0), 0, 255).astype(np.uint8)
     return lut()[idx]
 
 
@@ -59,6 +59,8 @@ def overlay(rgb: np.ndarray, norm: np.ndarray, alpha: float = ALPHA) -> np.ndarr
     """The image with the coloured map blended over it and the threshold outline in white, (H, W, 3) uint8."""
     out = (rgb.astype(np.float32) * (1.0 - alpha) + colourise(norm).astype(np.float32) * alpha).astype(np.uint8)
     out[threshold_edge(norm)] = 255
+    unscored = np.isnan(norm)  # pixels the store's geometry never showed the backbone: the plain image
+    out[unscored] = rgb[unscored]
     return out
 
 

@@ -49,6 +49,7 @@ from .backbone import PRECISIONS
 from .device import resolve_device
 from .errors import DatasetError, ModelDirError, PipelineError
 from .evaluate import check_report_dir, place_model
+from .geometry import Geometry
 from .model_backbone import backbone_for_model, features
 from .modeldir import ModelInfo, load_model_dir
 from .predict_files import InputImage, collect_images, prepare_output, write_manifest
@@ -100,8 +101,8 @@ class ImageFiles(torch.utils.data.Dataset):
                 crop = self.transform.crop(im)
             return i, torch.from_numpy(crop.transpose(2, 0, 1).copy()), ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            size = self.transform.image_size
-            return i, torch.zeros(3, size, size, dtype=torch.uint8), f"cannot read image: {type(exc).__name__}: {exc}"
+            return i, torch.zeros(3, *self.transform.frame, dtype=torch.uint8), (
+                f"cannot read image: {type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------- decisions and maps
@@ -181,10 +182,10 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
     dev = resolve_device(device)
     bb = backbone_for_model(info, dev, weights=weights, precision=precision)
     place_model(model, dev)
-    from .backbone import image_transform
     from .extract import default_num_workers
 
-    transform = image_transform(bb)
+    transform = Geometry.from_attrs({**info.cache.get("attrs", {}), "image_size": bb.image_size,
+                                     "patch_size": bb.patch_size})  # the store's resize/crop or full frame
     n_workers = default_num_workers(dev) if workers is None else int(workers)
     loader_options = dict(batch_size=batch_size, shuffle=False, num_workers=n_workers, pin_memory=dev.type == "cuda")
     records: list[dict] = [{"path": str(im.path), "output": im.rel, "score": None, "normalised_score": None,

@@ -13,29 +13,52 @@ import csv
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from funad import __version__, anomaly_map
 
 from . import overlay, thresholds
 from .modeldir import ModelInfo
 from .predict_files import InputImage
+from .geometry import Geometry, original_size
 from .scoring import MAP_SIGMA
 
 NO_THRESHOLD_NOTE = ("the model records no threshold (fitted by an older funad) and no --threshold was given: "
                      "scores are reported without an anomalous/normal decision")
 _PENDING = 4  # batches of pictures queued for the writer thread at most
+MAX_PICTURE_SIDE = 1280  # PNG heatmaps of larger originals are shrunk to this long side
 
 
-def image_map(patch_scores: np.ndarray, info: ModelInfo) -> np.ndarray:
-    """The anomaly map (H, W) float32 of one image from its patch scores (P,), built as ``funad eval`` builds it.
+def image_map(patch_scores: np.ndarray, info: ModelInfo, original: Optional[Path] = None) -> np.ndarray:
+    """The anomaly map float32 of one image from its patch scores (P,), built as ``funad eval`` builds it.
 
     The one place where predict decides a map's geometry: the model's patch
-    grid, upsampled to the cache's mask size, Gaussian ``MAP_SIGMA``.
+    grid, upsampled to the cache's mask size (the store's frame), Gaussian
+    ``MAP_SIGMA``; then, given the ``original`` image file, back on its pixels
+    (h, w) through the store's geometry (NaN where the geometry never scored a
+    pixel: the paper crop's border; :mod:`funad.pipelines.geometry`).
     """
-    return anomaly_map.patch_scores_to_maps(np.asarray(patch_scores, dtype=np.float32)[None], info.grid,
+    amap = anomaly_map.patch_scores_to_maps(np.asarray(patch_scores, dtype=np.float32)[None], info.grid,
                                             info.mask_size, sigma=MAP_SIGMA)[0]
+    if original is None:
+        return amap
+    return Geometry.from_attrs(dict(info.cache.get("attrs", {}))).to_original(amap, original_size(original))
+
+
+def original_picture(path: Path, amap: np.ndarray, max_side: int = MAX_PICTURE_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """The original image (h, w, 3) uint8 and its map for a picture, both shrunk when the long side exceeds
+    ``max_side`` (the .npy maps keep the original size)."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        h, w = amap.shape
+        if max(h, w) > max_side:
+            f = max_side / max(h, w)
+            h, w = max(1, round(h * f)), max(1, round(w * f))
+            amap = np.asarray(Image.fromarray(amap).resize((w, h), Image.BILINEAR))
+        return np.asarray(rgb.resize((w, h), Image.BILINEAR) if rgb.size != (w, h) else rgb), amap
 
 
 class Outputs:
@@ -77,7 +100,7 @@ class Outputs:
     def _write(self, images: list[InputImage], batch: list[dict], crops: np.ndarray, patch_scores: np.ndarray) -> None:
         record = self.decision["record"]
         for im, r, crop, p in zip(images, batch, crops, patch_scores):
-            amap = image_map(p, self.info)
+            amap = image_map(p, self.info, im.path)  # on the original image's pixels
             if self.heatmaps == "npy":
                 path = self.out_dir / "maps" / f"{im.rel}.npy"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +110,8 @@ class Outputs:
                 norm = thresholds.normalised(record, amap, key="pixel")
                 header = f"{im.rel}  score {r['score']:.4g} (normalised {r['normalised_score']:.2f})  " + (
                     f"{'ANOMALOUS' if r['is_anomalous'] else 'normal'} at threshold {self.decision['threshold']:.4g}")
-                path = overlay.save_png(overlay.two_panel(crop, norm, header, r["is_anomalous"]),
+                picture, norm = original_picture(im.path, norm)
+                path = overlay.save_png(overlay.two_panel(picture, norm, header, r["is_anomalous"]),
                                         self.out_dir / "heatmaps" / f"{im.rel}.png")
                 r["heatmap"] = path.relative_to(self.out_dir).as_posix()
             self.files.append(path)
