@@ -87,7 +87,12 @@ def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
               for key in sorted((set(old["config"]) | set(config["config"])) - {"epochs"})
               if old["config"].get(key) != config["config"].get(key)]
     if old["cache"].get("fingerprint") != config["cache"]["fingerprint"]:
-        diffs.append("cache fingerprint differs (another cache)")
+        n_old, n_new = old["cache"].get("n_images"), config["cache"].get("n_images")
+        if old["cache"].get("attrs") == config["cache"].get("attrs") or n_old != n_new:
+            diffs.append(f"cache {config['cache'].get('path')} changed since this fit started ({n_old} -> {n_new} "
+                         "images, e.g. appended by `funad extract`), so its split would change under it")
+        else:
+            diffs.append("cache fingerprint differs (another cache)")
     diffs += [f"contamination {key} differs" for key in ("ratio", "overlap", "seed", "train_ids")
               if old["contamination"].get(key) != config["contamination"][key]]
     if diffs:

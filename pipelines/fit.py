@@ -30,6 +30,7 @@ from .checkpoints import Checkpointer, check_resume, checkpoint_epoch
 from .device import resolve_device
 from .errors import PipelineError
 from .features import RESIDENCIES, TOKENS, FirstImages, check_tokens, make_source
+from . import sample_table
 from .fit_data import (cache_record, check_complete, check_trainable, diagnostics_for, split_cache, synthetic_ids,
                        synthetic_labels)
 from .oracle import ORACLE_WARNING, LearningCurve, OracleSelector
@@ -205,6 +206,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             "options": spec.to_dict(),
             "cache": cache_record(store, Path(cache_path)),
             "contamination": split,
+            "sample_table": sample_table.record(store, split),  # found again by eval after the cache grows
             "selection": spec.select,
             "tokens": spec.tokens,
             "funad_version": __version__,

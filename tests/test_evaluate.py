@@ -138,9 +138,9 @@ def test_fingerprint_mismatch_names_both_caches(workdir, tmp_path):
     msg = str(err.value)
     assert str(other) in msg and "knn_clean" in msg and "layer" in msg
 
-    # Same backbone attributes, other sample table: the fingerprint alone catches it.
+    # Same backbone attributes and paths, other features: the checksums the model records catch it.
     other2 = build_tiny_store(tmp_path / "other2.zarr", n_train=7, n_test=10)
-    with pytest.raises(ModelDirError, match="fingerprint") as err:
+    with pytest.raises(ModelDirError, match="other features in cache .* than at the fit") as err:
         ev.evaluate(workdir / "knn_clean", tmp_path / "r", cache_path=other2, device="cpu")
     assert str(other2) in str(err.value) and str(workdir / "feats.zarr") in str(err.value)
 
@@ -173,7 +173,7 @@ def test_cli_errors_are_clean(workdir, tmp_path):
     res = CliRunner().invoke(eval_cmd, [str(workdir / "knn_clean"), "--cache", str(other), "-o",
                                         str(tmp_path / "r"), "--device", "cpu"])
     assert res.exit_code == 1
-    assert "fingerprint" in res.output and "Traceback" not in res.output
+    assert "has other features in cache" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(eval_cmd, [str(tmp_path / "nope"), "-o", str(tmp_path / "r")])
     assert res.exit_code == 1 and "does not exist" in res.output
 
