@@ -30,8 +30,9 @@ from .errors import ModelDirError, PipelineError
 from .eval_report import (ORACLE_WARNING, TABLE_CAPTION, TABLE_COLUMNS, EvalResult, mean_row, metrics_record,
                           write_pictures, write_scores_csv, write_summary)
 from .modeldir import ModelInfo, check_cache_compatible, load_model_dir
+from . import original_size
+from .eval_report import _json_float
 from .progress import NullProgress, Progress
-from .sample_table import model_test_ids
 from .scoring import MAP_SIGMA, NO_PIXEL_METRICS, measure, measure_images, score_cached
 
 __all__ = ["evaluate", "evaluate_many", "EvalResult", "mean_row", "write_summary", "TABLE_COLUMNS", "TABLE_CAPTION",
@@ -61,6 +62,27 @@ def resolve_cache_path(info: ModelInfo, override: Optional[Path]) -> Path:
     return beside if beside.exists() else recorded
 
 
+def check_fingerprint(store, info: ModelInfo) -> None:
+    """Raise ModelDirError unless ``store`` holds the features the model was fitted on.
+
+    The fingerprint covers the backbone settings and the sample table, so the
+    split's image ids mean the same images in both.
+    """
+    expected = info.cache.get("fingerprint")
+    have = store.fingerprint()
+    if expected is None:
+        raise ModelDirError(f"{info.path / 'config.json'} records no cache fingerprint; re-fit the model")
+    if have != expected:
+        # Name the differing backbone settings first when there are any.
+        check_cache_compatible(info, dict(store.attrs), what=f"cache {store.path}")
+        raise ModelDirError(
+            f"cache {store.path} (fingerprint {have[:12]}) is not the cache that model {info.path} was fitted on "
+            f"({info.cache.get('path')}, fingerprint {str(expected)[:12]}): its sample table or backbone settings "
+            f"differ, so the split's image ids would point at other images. Pass the model's own cache with "
+            f"--cache, or re-fit the model on this one."
+        )
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -74,9 +96,9 @@ def check_report_dir(report_dir: Path, model_dir: Path) -> None:
         )
 
 
-def _labelled_test_ids(info: ModelInfo, store, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The split's test ids (in ``store``) and their 0/1 labels; raises when the split has none or some are
-    unlabelled."""
+def _labelled_test_ids(info: ModelInfo, store) -> tuple[np.ndarray, np.ndarray]:
+    """The split's test ids and their 0/1 labels; raises when the split has none or some are unlabelled."""
+    ids = info.test_ids
     if len(ids) == 0:
         raise ModelDirError(
             f"model {info.path} has no test images to evaluate: the split in its config.json holds training "
@@ -95,8 +117,8 @@ def _labelled_test_ids(info: ModelInfo, store, ids: np.ndarray) -> tuple[np.ndar
 
 
 def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = None, top_k: int = 5,
-             device: str = "auto", pictures: bool = True, batch_size: int = 32,
-             progress: Progress = NullProgress()) -> EvalResult:
+             device: str = "auto", pictures: bool = True, batch_size: int = 32, map_size: str = "auto",
+             save_maps: bool = False, progress: Progress = NullProgress()) -> EvalResult:
     """Evaluate one model directory on its split's test images; write the report.
 
     Args:
@@ -105,6 +127,10 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         cache_path: the feature cache; default: the one the model records.
         top_k: pictures of the K most and K least anomalous test images.
         device: "auto", "cpu" or "cuda" (where patches are scored and maps built).
+        map_size: "original" (maps, masks, pixel metrics and pictures at the original images' size, read from
+            the dataset the cache records), "input" (the cache's frame, from the cache alone) or "auto"
+            (original when the cache was extracted from a dataset funad reads, else input).
+        save_maps: write every test map as ``maps/NAME.npy`` (float32, NaN where never scored).
     Returns:
         An :class:`EvalResult` whose ``metrics`` is what metrics.json holds.
     """
@@ -119,8 +145,8 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
     place_model(model, dev)
 
     with cache.open(resolve_cache_path(info, cache_path), mode="r") as store:
-        found, table_note = model_test_ids(info, store)  # by path when the cache grew since the fit
-        ids, labels = _labelled_test_ids(info, store, found)
+        check_fingerprint(store, info)
+        ids, labels = _labelled_test_ids(info, store)
 
         tokens = info.raw.get("tokens", "patch")
         masks = store.read_masks(ids) if tokens == "patch" else None
@@ -138,7 +164,12 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         threshold = values["image_f1_threshold"]
         predictions = (image_scores >= threshold).astype(np.int64)  # all 0 when the threshold is nan
         record = metrics_record(info, store, ids, labels, values, predictions, seconds, dev)
-        record["sample_table"] = table_note  # the model's own split, found again if the cache grew
+        original = _at_original_size(store, ids, maps, map_size) if masks is not None else None
+        record["map_size"] = "input"
+        if original is not None:  # the pixel metrics at the original size replace those at the input size
+            record.update(original.record({k: _json_float(v) for k, v in values.items()}))
+            values.update(original.metrics)
+            record.update({k: _json_float(v) for k, v in original.metrics.items()})
         if tokens == "class":
             record["pixel_metrics_absent"] = NO_PIXEL_METRICS
         own = thresholds.recorded(info)
@@ -157,6 +188,14 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
                          None if own is None else float(own["image"]))
         if pictures and tokens == "class":
             logger.warning("%s: no pictures: they show anomaly maps, which a class-token model does not make", model_dir)
+        names = [visualize_name(store.samples[int(i)]["path"]) for i in ids]
+        if save_maps and maps is not None:
+            files += original_size.save_maps(report_dir / "maps", names, maps if original is None else original.maps)
+        if pictures and original is not None:
+            title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
+            files += original_size.write_pictures(report_dir, original, names=names, scores=image_scores,
+                                                  labels=labels, top_k=top_k, title=title,
+                                                  threshold=None if np.isnan(threshold) else float(threshold))
         elif pictures:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += write_pictures(report_dir, store=store, ids=ids, masks=masks, maps=maps, scores=image_scores,
@@ -170,6 +209,29 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
                 record["throughput"]["images_per_s"] or 0.0, report_dir)
     return EvalResult(name=model_dir.resolve().name, model_dir=model_dir, report_dir=report_dir, metrics=record,
                       files=files)
+
+
+def _at_original_size(store, ids: np.ndarray, maps: np.ndarray, map_size: str):
+    """Maps and metrics at the original images' size (``original_size.OriginalMaps``), or None at the input size."""
+    from .datasets import KINDS
+    from .geometry import Geometry
+    from funad import metrics
+
+    if map_size not in ("auto", "original", "input"):
+        raise PipelineError(f"--map-size must be auto, original or input, got {map_size!r}")
+    if map_size == "input" or (map_size == "auto" and store.attrs.get("dataset_kind") not in KINDS):
+        return None
+    original = original_size.at_original_size(store, ids, maps, Geometry.from_attrs(dict(store.attrs)))
+    filled = original.filled()
+    original.metrics = {**metrics.pixel_metrics(original.masks, filled),
+                        "aupro": metrics.aupro(original.masks, filled, fpr_limit=0.3)}
+    return original
+
+
+def visualize_name(path: str) -> str:
+    from .visualize import sample_name
+
+    return sample_name(path)
 
 
 def place_model(model, device: torch.device):
@@ -193,6 +255,7 @@ def place_model(model, device: torch.device):
 
 def evaluate_many(model_dirs: Sequence[Path], report_dir: Path, *, cache_path: Optional[Path] = None,
                   top_k: int = 5, device: str = "auto", pictures: bool = True, batch_size: int = 32,
+                  map_size: str = "auto", save_maps: bool = False,
                   progress: Progress = NullProgress()) -> list[EvalResult]:
     """Evaluate several model directories (e.g. one per category).
 
@@ -215,6 +278,6 @@ def evaluate_many(model_dirs: Sequence[Path], report_dir: Path, *, cache_path: O
         targets = [Path(report_dir) / n for n in names]
     return [
         evaluate(m, t, cache_path=cache_path, top_k=top_k, device=device, pictures=pictures,
-                 batch_size=batch_size, progress=progress)
+                 batch_size=batch_size, map_size=map_size, save_maps=save_maps, progress=progress)
         for m, t in zip(model_dirs, targets)
     ]
