@@ -27,6 +27,10 @@ Layout (DESIGN.md, "Model directory")::
                      "moved_paths", "train_paths", "test_paths"}
                     ids index the cache's sample table; paths are its sample
                     paths (relative to the dataset root)
+    sample_table    {"n_images_in_cache", "n_rows", "digest", "columns", "rows"}:
+                    every image of the split as [id, path, split, label,
+                    defect_type, features checksum]; eval finds them again by
+                    path after the cache grew (pipelines/sample_table.py)
     selection       "final" (default) or "oracle" (chosen with test labels)
     threshold       the unlabelled image and pixel thresholds, their rule and the
                     training scores (funad.pipelines.thresholds)
