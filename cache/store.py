@@ -252,6 +252,11 @@ class FeatureStore(StoreReading, StoreWriting):
         return np.flatnonzero(keep)
 
     @property
+    def version(self) -> int:
+        """The cache format: 2 (per-image records and checksums), or 1 (older: read-only)."""
+        return self._version
+
+    @property
     def missing_from_source(self) -> np.ndarray:
         """Indices of the images whose file was no longer in the dataset folder at the last ``funad extract``
         (kept until it runs with ``--prune-missing``; :mod:`funad.cache.grow`)."""

@@ -93,8 +93,14 @@ def listing(names: list[str]) -> str:
 def compare(store, records: list[dict]) -> TableChanges:
     """How ``records`` (the dataset as the reader sees it now) differ from ``store``'s table.
 
-    Raises CacheMismatchError when a path in both has another split, label or defect type.
+    Raises CacheMismatchError when a path in both has another split, label or defect type, and for a
+    store of cache format 1 (written by an older funad; it opens read-only).
     """
+    if store.version < 2:
+        raise cache.CacheMismatchError(
+            f"{store.path} was written by an older funad (cache format {store.version}): it can still be read "
+            f"(fit, eval), but not resumed, grown or verified. Extract into a new output, or pass --overwrite "
+            f"to re-create it")
     stored = store.samples
     position = {s["path"]: i for i, s in enumerate(stored)}
     in_data = {r["path"] for r in records}

@@ -167,3 +167,28 @@ def test_cli_lists_new_and_missing_files(tmp_path, bb):
     assert ("1 images are no longer in the dataset folder; kept in the store, marked missing (pass --prune-missing "
             "to drop them): test/good/000.png") in res.output
     assert "1 images written, 0 skipped, 4 already complete (5 in all)" in res.output
+
+
+def test_a_format_1_store_is_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
+    """Stores written before per-image records open read-only; extract says what to do instead of growing them."""
+    from funad.cache import _zarr
+    from funad.pipelines import extract as extract_module
+
+    data = make_mvtec(tmp_path / "data", n_train=1)
+    out = tmp_path / "old.zarr"
+    _run(data, out, bb)
+    backend = _zarr.ZarrBackend(out, writable=True)  # rewrite it into the format-1 layout (test_cache.py)
+    n = len(backend.read_blob("sample_table"))
+    backend.create_array("status", (n,), "int8", (n,), "none")
+    backend.array("status")[:] = np.ones(n, np.int8)
+    backend.set_attrs({"cache_version": 1})
+    for name in ("records", "records_snapshot", "records_snapshot_valid"):
+        shutil.rmtree(out / name)
+    write_png(data / "train/good/100.png", seed=7)
+    monkeypatch.setattr(extract_module, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    spec = BackboneSpec(TINY, image_size=SIZE, pretrained=False)
+    with pytest.raises(cache.CacheMismatchError, match=r"older funad \(cache format 1\).*new output.*--overwrite"):
+        extract(data, out, backbone=spec, precision="fp32", num_workers=0)
+    with cache.open(out) as store:  # still readable, untouched
+        assert store.n_images == n and store.complete.all()
+    assert not cache.lock_path(out).exists()
