@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -195,3 +196,16 @@ def test_full_geometry_is_recorded_checked_and_evaluated_at_the_original_size(tm
     saved = np.load(tmp_path / "report" / "maps" / "test-good-000.npy")
     assert saved.shape == (97, 52) and saved.dtype == np.float32  # the odd-sized original, not the frame
     assert np.load(tmp_path / "report" / "maps" / "test-spot-001.npy").shape == (100, 45)
+
+    # predict tiles and stitches raw images as extract did: the same scores, maps and pictures on the originals
+    from funad.pipelines.predict import predict
+
+    scores = {r["path"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "report" / "scores.csv"))}
+    images = [data / "test/good/000.png", data / "test/spot/001.png"]
+    out = predict(tmp_path / "model", images, tmp_path / "pred", device="cpu", workers=0, heatmaps="npy")
+    for im, r in zip(images, out.records):
+        assert r["score"] == pytest.approx(scores[im.relative_to(data).as_posix()], rel=1e-4)
+        with Image.open(im) as pil:
+            assert np.load(tmp_path / "pred" / r["map"]).shape == (pil.size[1], pil.size[0])
+    png = predict(tmp_path / "model", images[1:], tmp_path / "png", device="cpu", workers=0, heatmaps="png")
+    assert Image.open(tmp_path / "png" / png.records[0]["heatmap"]).size[1] >= 100  # drawn on the 45 x 100 original
