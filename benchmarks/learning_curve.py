@@ -38,19 +38,27 @@ def main() -> None:
     print(f"Command: `python benchmarks/learning_curve.py {' '.join(map(str, dirs))}`; model directories from "
           f"`funad fit CACHE --contamination {split['ratio']} {'--overlap' if split['overlap'] else '--no-overlap'} "
           f"--seed S --eval-every N` (preset `{config.get('preset')}`: "
-          + ", ".join(f"{k}={config['config'].get(k)}" for k in ("epochs", "max_iterations", "bank_every", "bank_pool",
+          + ", ".join(f"{k}={config['config'].get(k)}" for k in ("epochs", "max_iterations", "bank_every", "bank_pool", "ema",
                                                                   "bank_patches", "batch_patches", "bank_rule", "lr"))
           + f"; {len(dirs)} fit(s)). Test metrics are a "
           "diagnostic on test labels; nothing was selected with them (the final epoch is the model).\n")
-    print("| epoch | image AUROC | pixel AUROC | AUPRO@0.3 | bank images | bank purity | pseudo recall |")
-    print("|---|---|---|---|---|---|---|")
+    averaged = any("test_image_auroc_last_weights" in r for log in logs.values() for r in log)
+    if averaged:
+        print(f"The model's weights are a moving average (ema={config['config'].get('ema')}); the last weights of "
+              "the same fits are beside them (image / pixel AUROC).\n")
+    extra = " | last weights: image / pixel AUROC" if averaged else ""
+    print(f"| epoch | image AUROC | pixel AUROC | AUPRO@0.3{extra} | bank images | bank purity | pseudo recall |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if averaged else ""))
     for e in epochs:
         rows = [r for log in logs.values() for r in log if r["epoch"] == e and "test_image_auroc" in r]
+        last = ""
+        if averaged:
+            last = (f" | {cell([r['test_image_auroc_last_weights'] for r in rows])} / "
+                    f"{cell([r['test_pixel_auroc_last_weights'] for r in rows])}")
         print(f"| {e} | {cell([r['test_image_auroc'] for r in rows])} | {cell([r['test_pixel_auroc'] for r in rows])} "
-              f"| {cell([r['test_aupro'] for r in rows])} | {cell([r['bank_images'] for r in rows], False)} "
+              f"| {cell([r['test_aupro'] for r in rows])}{last} | {cell([r['bank_images'] for r in rows], False)} "
               f"| {cell([r['bank_purity'] for r in rows if r.get('bank_purity') is not None], False)} "
               f"| {cell([r['pseudo_recall'] for r in rows if r.get('pseudo_recall') is not None], False)} |")
-
 
 if __name__ == "__main__":
     main()

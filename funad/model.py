@@ -133,6 +133,7 @@ class FunAD:
         pool_all = cfg.bank_pool is None or cfg.bank_pool >= n
         # Set now so that a per-epoch callback can score with the current weights.
         self.net_, self.dim_, self.n_patches_, self.device_ = (net if averaged is None else averaged), dim, p, device
+        self.trained_net_ = net  # the weights being trained (net_ is their average when ema is set)
         keep_adapted = min(n, cfg.bank_pool or n) * p * dim * 4 <= KEEP_ADAPTED_BYTES
         by_identity = cfg.exclude_self_by == "identity"
         patch_ids = torch.arange(p, device=device)

@@ -81,6 +81,8 @@ class LearningCurve(TestScorer):
     fit: the final epoch is kept whatever the curve says. The values land in
     ``train_log.jsonl`` under ``test_image_auroc``, ``test_pixel_auroc`` and
     ``test_aupro``, with ``test_metrics_note`` saying that they use test labels.
+    With ``ema`` set they are the averaged weights' and the same keys ending in
+    ``_last_weights`` hold the last weights'.
     """
 
     def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device, every: int,
@@ -93,5 +95,18 @@ class LearningCurve(TestScorer):
         if epoch % self.every and epoch != self.last_epoch:
             return {}
         values = self.metrics(model)
-        return {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
-                "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
+        out = {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
+               "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
+        trained = getattr(model, "trained_net_", None)
+        if trained is not None and trained is not model.net_:
+            # ema: the model scores with the weights' average; the last weights go beside it, so one
+            # fit shows both curves (the training itself is the same either way)
+            averaged, model.net_ = model.net_, trained
+            try:
+                last = self.metrics(model)
+            finally:
+                model.net_ = averaged
+            out.update({"test_image_auroc_last_weights": last["image_auroc"],
+                        "test_pixel_auroc_last_weights": last["pixel_auroc"],
+                        "test_aupro_last_weights": last["aupro"]})
+        return out

@@ -401,6 +401,21 @@ def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_pa
     assert res.exit_code != 0 and "--eval-every" in res.output
 
 
+def test_eval_every_with_ema_logs_both_the_average_and_the_last_weights(store_path, tmp_path):
+    """With ema the curve is the averaged weights' (the model kept) and the last weights' beside it; the
+    last weights' curve is exactly the curve of the same fit without ema."""
+    plain, averaged = tmp_path / "plain", tmp_path / "ema"
+    assert run([store_path, "-o", plain, *FAST, "--epochs", "2", "--eval-every", "1"]).exit_code == 0
+    res = run([store_path, "-o", averaged, *FAST, "--epochs", "2", "--eval-every", "1", "--set", "ema=0.5"])
+    assert res.exit_code == 0, res.output
+    plain_log = [r for r in modeldir.read_log(plain) if "test_image_auroc" in r]
+    ema_log = [r for r in modeldir.read_log(averaged) if "test_image_auroc" in r]
+    assert [r["epoch"] for r in ema_log] == [1, 2]
+    for a, b in zip(plain_log, ema_log):
+        assert b["test_pixel_auroc_last_weights"] == pytest.approx(a["test_pixel_auroc"])
+    assert ema_log[-1]["test_pixel_auroc"] != pytest.approx(ema_log[-1]["test_pixel_auroc_last_weights"], abs=1e-9)
+
+
 def test_fit_progress_line_fits_100_columns():
     # Epoch count, elapsed, ETA, it/s and the losses all visible on a 100-column terminal.
     import re
