@@ -85,6 +85,24 @@ def test_metrics_json_matches_funad_metrics(workdir, tmp_path):
     assert doc["throughput"]["images_per_s"] > 0
 
 
+def test_eval_reports_the_models_own_threshold_next_to_f1_max(workdir, tmp_path):
+    doc = ev.evaluate(workdir / "knn_clean", tmp_path / "r", device="cpu", pictures=False).metrics
+    own = modeldir.read_config(workdir / "knn_clean").raw["threshold"]
+    _, _, scores = expected_metrics(workdir / "knn_clean")
+    rows = list(csv.DictReader(open(tmp_path / "r" / "scores.csv")))
+    labels = np.array([int(r["label"]) for r in rows])
+    pred = scores >= own["image"]
+    tp, fp, fn = int((pred & (labels == 1)).sum()), int((pred & (labels == 0)).sum()), int((~pred & (labels == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn)
+    assert doc["precision_at_threshold"] == pytest.approx(precision)
+    assert doc["recall_at_threshold"] == pytest.approx(recall)
+    assert doc["f1_at_threshold"] <= doc["image_f1_max"] + 1e-9  # F1-max is chosen with the test labels
+    assert "test labels" in doc["f1_max_note"]
+    assert set(doc["model_threshold"]["candidates"]) == {"mad", "quantile", "otsu"}
+    assert [int(r["prediction_at_model_threshold"]) for r in rows] == pred.astype(int).tolist()
+
+
 def test_no_overlap_drops_moved_images_and_overlap_keeps_them(workdir, tmp_path):
     clean = ev.evaluate(workdir / "knn_clean", tmp_path / "a", device="cpu", pictures=False).metrics
     overlap = ev.evaluate(workdir / "knn_overlap", tmp_path / "b", device="cpu", pictures=False).metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import csv
 
 import pytest
@@ -48,6 +50,13 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     moved = by_key["knn|overlap|ratio=0.25|seed=0"]
     assert int(moved["n_moved"]) == 2 and int(moved["n_test"]) == 10
     assert int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_test"]) == 8
+    # every cell reports F1 at the unlabelled thresholds next to F1-max, and keeps its scores for later comparisons
+    for r in rows:
+        assert r["thr_rule"] == "mad" and all(0.0 <= float(r[m]) <= 1.0 for m in sw.THRESHOLD_METRICS)
+        assert float(r["f1_at_thr"]) <= float(r["image_f1_max"]) + 1e-9  # F1-max is the best any threshold gives
+    cell = json.loads(next((out / "cells").glob("knn_no-overlap_ratio=0.25_*.json")).read_text())
+    assert len(cell["threshold"]["training_scores"]["image_scores"]) == int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_train"])
+    assert len(cell["test_image_scores"]) == len(cell["test_labels"]) == 8
     funad = by_key["funad:fast|no-overlap|ratio=0.25|seed=0|batch_size=4|epochs=1"]
     assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4 epochs=1"
 
@@ -100,8 +109,8 @@ def test_other_epochs_or_preset_values_are_other_cells(tmp_path, monkeypatch):
     rows = sw.sweep(store, out, epochs=2, **kw)
     assert sorted(r["cfg_lr"] for r in rows) == sorted(["0.0001", "0.0001", "0.0003"])
     md = (out / "results.md").read_text()
-    # same label, told apart by the digest, in both tables (AUROC and AUPRO)
-    assert md.count("| funad:fast (batch_size=4 epochs=2) [cfg ") == 2 * 2
+    # same label, told apart by the digest, in all three tables (AUROC, AUPRO, F1 at the unlabelled thresholds)
+    assert md.count("| funad:fast (batch_size=4 epochs=2) [cfg ") == 2 * 3
 
 
 def test_grid_parsing():
@@ -136,5 +145,5 @@ def test_results_md_averages_the_seeds_of_one_setting(tmp_path):
     assert CliRunner().invoke(sweep_cmd, args).exit_code == 0
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| knn |")]
-    assert len(rows) == 2  # one row per table (AUROC, AUPRO/F1), not one per seed
+    assert len(rows) == 3  # one row per table (AUROC, AUPRO/F1, F1 at the unlabelled thresholds), not one per seed
     assert "cfg" not in rows[0] and "±" in rows[0]
