@@ -108,10 +108,11 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
                    "coreset); default 0.1; 1 keeps the full bank.")
 @click.option("--select", default="final", show_default=True, type=click.Choice(["final", "oracle"]),
               help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
-@click.option("--threshold-rule", default="mad", show_default=True, type=click.Choice(["mad", "quantile", "otsu"]),
+@click.option("--threshold-rule", default="otsu", show_default=True, type=click.Choice(["otsu", "mad", "quantile"]),
               help="How the decision thresholds are chosen from the unlabelled training scores at the end of the "
-                   "fit: mad = median + 3 robust standard deviations, quantile = flag the --expected-contamination "
-                   "share of training images, otsu = Otsu's two-class split. Every rule's threshold is recorded.")
+                   "fit: otsu = Otsu's two-class split (for a contaminated training set), mad = median + 3 robust "
+                   "standard deviations (for a training set known to be clean), quantile = flag the "
+                   "--expected-contamination share of training images. Every rule's threshold is recorded.")
 @click.option("--expected-contamination", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
               show_default=True, metavar="SHARE",
               help="Share of the training images expected to be anomalous (used by --threshold-rule quantile).")

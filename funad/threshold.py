@@ -4,7 +4,13 @@ The training set is unlabelled and may hold anomalies, so a threshold is
 chosen from the distribution of the training images' scores alone, by one of
 these rules (``RULES``):
 
-- ``"mad"`` (the default): a robust outlier rule, ``median + k * 1.4826 *
+- ``"otsu"`` (the default): Otsu's two-class split of the training scores
+  (the split point that maximises the between-class variance),
+  parameter-free; the threshold is the midpoint between the two classes'
+  nearest scores. It suits a contaminated training set, whose scores fall in
+  two groups; on a training set known to be clean (one group) it cuts the
+  normal scores in two, so use ``"mad"`` there.
+- ``"mad"``: a robust outlier rule, ``median + k * 1.4826 *
   MAD`` with ``k = mad_k`` (default :data:`DEFAULT_MAD_K`). MAD is the median
   absolute deviation from the median; 1.4826 makes it the standard deviation
   of a normal distribution, so the rule flags scores ``k`` robust standard
@@ -15,9 +21,6 @@ these rules (``RULES``):
 - ``"quantile"``: the ``1 - expected_contamination`` quantile of the training
   scores, i.e. the share of training images expected to be anomalous
   (default :data:`DEFAULT_EXPECTED_CONTAMINATION`) is flagged.
-- ``"otsu"``: Otsu's two-class split of the training scores (the split point
-  that maximises the between-class variance), parameter-free; the threshold
-  is the midpoint between the two classes' nearest scores.
 
 Each rule works on a monotone ``scale`` of the scores (``SCALES``):
 ``"identity"`` for unbounded scores (kNN/SoftPatch distances) and ``"logit"``
@@ -43,9 +46,9 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 
-RULES = ("mad", "quantile", "otsu")
+RULES = ("otsu", "mad", "quantile")
 SCALES = ("identity", "logit")
-DEFAULT_RULE = "mad"
+DEFAULT_RULE = "otsu"
 DEFAULT_EXPECTED_CONTAMINATION = 0.1
 DEFAULT_MAD_K = 3.0
 # MAD and mean absolute deviation -> the standard deviation of a normal distribution.

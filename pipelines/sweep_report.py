@@ -18,7 +18,7 @@ from .settings import FIELDS
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max")
 # The unlabelled thresholds (pipelines/thresholds.py): P/R/F1 at the model's own threshold (default rule)
 # and the F1 every candidate rule would have given, next to F1-max (chosen with test labels).
-THRESHOLD_RULES = ("mad", "quantile", "otsu")
+THRESHOLD_RULES = ("mad", "quantile", "otsu")  # results.csv column order: keep it
 THRESHOLD_METRICS = (("precision_at_thr", "recall_at_thr", "f1_at_thr")
                      + tuple(f"f1_thr_{r}" for r in THRESHOLD_RULES))
 RESULTS_CSV, RESULTS_MD, PLOT_PNG, SWEEP_JSON = "results.csv", "results.md", "auroc_vs_contamination.png", "sweep.json"
