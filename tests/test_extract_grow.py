@@ -192,3 +192,47 @@ def test_a_format_1_store_is_refused_before_the_backbone_loads(tmp_path, bb, mon
     with cache.open(out) as store:  # still readable, untouched
         assert store.n_images == n and store.complete.all()
     assert not cache.lock_path(out).exists()
+
+
+@pytest.mark.slow
+def test_torchrun_grows_the_store_like_one_process(tmp_path, bb):
+    """gloo on the CPU: rank 0 appends the new files, both ranks extract them; every image then has the
+    features a single-process extraction of the final folder gives (batches of 1, one thread)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    spec = BackboneSpec(TINY, weights=str(weights), image_size=SIZE)
+    opts = dict(backbone=spec, device="cpu", precision="fp32", batch_size=1, num_workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets for its processes: the thread count changes float sums
+    try:
+        extract(data, tmp_path / "two.zarr", **opts)
+        for i in range(3):
+            write_png(data / f"train/good/1{i}.png", seed=50 + i)
+        (data / "train/good/000.png").unlink()
+        extract(data, tmp_path / "one.zarr", **opts)
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "funad",
+           "extract", str(data), "-o", str(tmp_path / "two.zarr"), "--backbone", TINY, "--weights", str(weights),
+           "--image-size", str(SIZE), "--device", "cpu", "--precision", "fp32", "--batch-size", "1",
+           "--num-workers", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "3 new images appended" in res.stdout and "1 images are no longer in the dataset folder" in res.stdout
+    assert "3 images written, 0 skipped, 5 already complete (8 in all)" in res.stdout
+    one, two = _by_path(tmp_path / "one.zarr"), _by_path(tmp_path / "two.zarr")
+    assert set(two) == set(one) | {"train/good/000.png"}
+    for p in one:
+        np.testing.assert_array_equal(two[p], one[p], err_msg=p)
+    with cache.open(tmp_path / "two.zarr") as store:
+        assert store.verify() == [] and store.paths[store.missing_from_source].tolist() == ["train/good/000.png"]
+    assert not cache.lock_path(tmp_path / "two.zarr").exists()
