@@ -63,13 +63,14 @@ def record(store, split: dict) -> dict:
 def model_test_ids(info: ModelInfo, store) -> tuple[np.ndarray, dict]:
     """The model's test ids in ``store`` and a note for metrics.json on how they were found.
 
-    Raises ModelDirError when ``store`` has other backbone settings, lacks an image of the model's split,
-    or holds it with another split, label, defect type or features.
+    Raises ModelDirError when ``store`` has other backbone settings, lacks a test image of the model's
+    split, or holds an image of the split with another split, label, defect type or features. Training
+    images of the split that were pruned since are counted (the model already holds what it learnt).
     """
     expected = info.cache.get("fingerprint")
     recorded = info.raw.get("sample_table")
     note = {"cache_images_at_fit": recorded.get("n_images_in_cache") if recorded else info.cache.get("n_images"),
-            "cache_images_now": int(store.n_images), "found_by": "id", "added_since_fit": 0,
+            "cache_images_now": int(store.n_images), "found_by": "id", "split_training_images_gone": 0,
             "added_test_images_not_evaluated": 0,
             "digest": recorded.get("digest") if recorded else None}
     if expected is None:
@@ -84,21 +85,25 @@ def model_test_ids(info: ModelInfo, store) -> tuple[np.ndarray, dict]:
     if len(old_ids) != len(old_paths):
         raise ModelDirError(f"{info.path / 'config.json'} does not record the paths of its split, so its images "
                             f"cannot be found in cache {store.path}, which changed since the fit; re-fit the model")
-    lost = sorted({p for p in old_paths if p not in where})
-    if lost:
+    lost_test = sorted({p for p in contamination.get("test_paths", []) if p not in where})
+    if lost_test:
         raise ModelDirError(
-            f"cache {store.path} no longer holds {len(lost)} images of model {info.path}'s split (e.g. {lost[0]}): "
-            f"they were pruned (funad extract --prune-missing) or this is another cache. Evaluate on the cache the "
-            f"model was fitted on ({info.cache.get('path')}), or re-fit the model on this one")
-    new_of = dict(zip(old_ids, (where[p] for p in old_paths)))
+            f"cache {store.path} no longer holds {len(lost_test)} test images of model {info.path}'s split (e.g. "
+            f"{lost_test[0]}): they were pruned (funad extract --prune-missing) or this is another cache. Re-fit the "
+            f"model on this cache, or evaluate on a cache that still holds them (the model was fitted on "
+            f"{info.cache.get('path')})")
+    gone = sorted({p for p in old_paths if p not in where})  # training images only (test ones checked above)
+    if gone:
+        logger.warning("%s: %d training images of model %s are no longer in cache %s (pruned), e.g. %s; its test "
+                       "images are all there and are evaluated", info.path, len(gone), info.path, store.path, gone[0])
+    new_of = {i: where[p] for i, p in zip(old_ids, old_paths) if p in where}
     if recorded:
         _check_rows(info, store, recorded["rows"], new_of)
     ids = np.asarray([new_of[int(i)] for i in contamination["test_ids"]], dtype=np.int64)
     at_fit = note["cache_images_at_fit"]
-    added = int(store.n_images) - int(at_fit) if at_fit is not None else 0
     used = set(new_of.values())
     unused_test = [i for i in store.indices(split="test").tolist() if i not in used]
-    note.update(found_by="path", added_since_fit=added, added_test_images_not_evaluated=len(unused_test))
+    note.update(found_by="path", split_training_images_gone=len(gone), added_test_images_not_evaluated=len(unused_test))
     if unused_test:
         logger.warning("%s: cache %s changed since model %s was fitted (%s -> %d images); its %d test images are "
                        "evaluated, %d test images it did not see are not (re-fit to include them)", info.path,

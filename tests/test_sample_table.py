@@ -45,7 +45,7 @@ def test_a_model_fitted_before_the_growth_evaluates_the_same(tmp_path, name):
     _grow(store, np.random.default_rng(5))
     after = ev.evaluate(tmp_path / "knn", tmp_path / "r2", device="cpu", pictures=False).metrics
     note = after["sample_table"]
-    assert note["found_by"] == "path" and note["added_since_fit"] == 3
+    assert note["found_by"] == "path" and (note["cache_images_at_fit"], note["cache_images_now"]) == (14, 17)
     assert note["added_test_images_not_evaluated"] == 2 and note["digest"] == table["digest"]
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
         assert after[key] == before[key], key
@@ -77,9 +77,23 @@ def test_pruned_or_changed_images_of_the_split_are_refused(tmp_path):
 
     with cache.grow(cache.open(store, "a"), drop=[victim]) as s:
         assert test_path not in s.paths.tolist()
-    with pytest.raises(ModelDirError, match=r"no longer holds 1 images of model .*split \(e\.g\. "
+    with pytest.raises(ModelDirError, match=r"no longer holds 1 test images of model .*split \(e\.g\. "
                                             f"{test_path}\\).*--prune-missing"):
         ev.evaluate(tmp_path / "knn", tmp_path / "r", device="cpu", pictures=False)
+
+
+def test_pruned_training_images_are_counted_and_the_test_split_evaluated(tmp_path):
+    store = build_tiny_store(tmp_path / "feats.zarr", n_train=6, n_test=8)
+    fit(store, tmp_path / "knn", FitSpec(method="knn", coreset_ratio=1.0), device="cpu")
+    before = ev.evaluate(tmp_path / "knn", tmp_path / "r1", device="cpu", pictures=False).metrics
+    with cache.grow(cache.open(store, "a"), drop=[0, 1]) as s:  # two training images, pruned
+        assert s.n_images == 12
+    after = ev.evaluate(tmp_path / "knn", tmp_path / "r2", device="cpu", pictures=False).metrics
+    assert after["sample_table"]["split_training_images_gone"] == 2
+    assert after["image_auroc"] == before["image_auroc"] and after["pixel_auroc"] == before["pixel_auroc"]
+    rows1 = (tmp_path / "r1/scores.csv").read_text().splitlines()[1:]
+    rows2 = (tmp_path / "r2/scores.csv").read_text().splitlines()[1:]
+    assert [r.split(",", 1)[1] for r in rows1] == [r.split(",", 1)[1] for r in rows2]  # ids shift by 2, rows do not
 
 
 def test_resuming_a_fit_on_a_grown_cache_is_refused(tmp_path):
