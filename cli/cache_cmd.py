@@ -64,6 +64,14 @@ def print_summary(summary: dict) -> None:
             con.print(f"  {s['index']}  {s['path']}: {s['reason']}")
         if len(skipped) > _SHOW_SKIPPED:
             con.print(f"  ... and {len(skipped) - _SHOW_SKIPPED} more (see --json)")
+    missing = summary.get("missing_from_source", [])
+    if missing:
+        con.print(f"[yellow]{len(missing)} images are no longer in the dataset folder (kept, marked missing; "
+                  f"`funad extract ... --prune-missing` drops them):[/]")
+        for p in missing[:_SHOW_SKIPPED]:
+            con.print(f"  {p}")
+        if len(missing) > _SHOW_SKIPPED:
+            con.print(f"  ... and {len(missing) - _SHOW_SKIPPED} more (see --json)")
     if summary["n_pending"]:
         con.print(f"[yellow]{summary['n_pending']} images are pending: re-run `funad extract` with the same "
                   "output to finish them[/]")

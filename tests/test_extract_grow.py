@@ -167,6 +167,11 @@ def test_cli_lists_new_and_missing_files(tmp_path, bb):
     assert ("1 images are no longer in the dataset folder; kept in the store, marked missing (pass --prune-missing "
             "to drop them): test/good/000.png") in res.output
     assert "1 images written, 0 skipped, 4 already complete (5 in all)" in res.output
+    from funad.cli.cache_cmd import cache as cache_cli
+
+    info = CliRunner().invoke(cache_cli, ["info", str(out)])
+    assert info.exit_code == 0 and "1 images are no longer in the dataset folder" in info.output
+    assert "test/good/000.png" in info.output
 
 
 def test_a_format_1_store_is_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
