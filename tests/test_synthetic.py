@@ -92,6 +92,31 @@ def test_extract_stores_synthetic_images_with_masks_sources_and_preview(tmp_path
         extract(data, out, backbone=bb, synthetic=0.2, seed=4, num_workers=0)
 
 
+def test_an_interrupted_run_resumes_to_the_same_synthetic_features(tmp_path, bb, monkeypatch):
+    from funad.pipelines.backbone import Backbone
+
+    data = make_mvtec(tmp_path / "data", n_train=6)
+    extract(data, tmp_path / "clean.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
+    original, calls = Backbone.__call__, {"n": 0}
+
+    def crash_on_second_batch(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, tmp_path / "crash.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
+    monkeypatch.setattr(Backbone, "__call__", original)
+    result = extract(data, tmp_path / "crash.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
+    assert (result.already, result.written) == (4, 8)  # 6 train + 3 test + 3 synthetic
+    with cache.open(tmp_path / "crash.zarr") as resumed, cache.open(tmp_path / "clean.zarr") as clean:
+        ids = clean.indices("synthetic")
+        np.testing.assert_array_equal(resumed.read_features(ids), clean.read_features(ids))
+        np.testing.assert_array_equal(resumed.read_masks(ids), clean.read_masks(ids))
+
+
 def test_synthetic_needs_training_images(tmp_path, bb):
     data = make_mvtec(tmp_path / "data", n_train=1)
     with pytest.raises(PipelineError, match="at least two training images"):
