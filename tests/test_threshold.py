@@ -135,3 +135,17 @@ def test_fit_records_thresholds_chosen_without_labels(tmp_path, method):
     assert a["training_scores"]["image"]["n"] == 8 and lo <= a["training_scores"]["image"]["median"] <= hi
     if method == "knn":
         assert lo > 0.05  # leave-one-image-out: no training image scored against its own patches
+
+
+def test_pixel_threshold_is_the_highest_map_value_on_images_called_normal():
+    from funad.pipelines import thresholds
+
+    rng = np.random.default_rng(0)
+    patches = rng.normal(1.0, 0.05, (40, 4)).astype(np.float32)
+    patches[:4, 0] = 5.0  # four training images with one very anomalous patch
+    images = patches.max(axis=1)
+    record = thresholds.choose(patches, images, (2, 2), (8, 8), thresholds.rule_for("knn"), "knn")
+    maxima = thresholds.map_maxima(patches, (2, 2), (8, 8))
+    assert images[:4].min() >= record["image"] > images[4:].max()  # Otsu splits off the four
+    assert record["pixel"] == pytest.approx(float(maxima[4:].max()))
+    assert set(record["candidates"]["pixel"]) == set(T.RULES)
