@@ -118,6 +118,30 @@ def test_removed_and_renamed_files_are_reported_and_kept_until_pruned(tmp_path, 
         assert store.missing_from_source.size == 0 and store.verify() == []
 
 
+def test_a_pending_image_whose_file_is_gone_is_skipped_with_a_reason(tmp_path, bb, monkeypatch):
+    data = make_mvtec(tmp_path / "data", n_train=3)
+    out = tmp_path / "f.zarr"
+    original = Backbone.__call__
+    calls = {"n": 0}
+
+    def stop_on_third(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, out, bb)
+    monkeypatch.setattr(Backbone, "__call__", original)
+    (data / "test/good/000.png").unlink()  # image 5 (after train/good and test/crack), never extracted
+    result = _run(data, out, bb)
+    assert result.table.missing == ["test/good/000.png"] and result.written == 3
+    with cache.open(out) as store:
+        assert store.status.tolist() == [1, 1, 1, 1, 1, 2] and "no longer in the dataset folder" in store.skip_reason(5)
+        assert store.indices().tolist() == [0, 1, 2, 3, 4]  # what fit uses; nothing is left pending
+
+
 def test_a_changed_split_is_refused_before_the_backbone_loads(tmp_path, bb, monkeypatch):
     from funad.pipelines import extract as extract_module
     from funad.pipelines.extract_table import compare
