@@ -96,3 +96,18 @@ def test_repeated_path_and_readers_are_refused(tiny_store):
     with pytest.raises(cache.CacheMismatchError, match="appears twice"):
         cache.grow(cache.open(path, "a"), add=[first])
     assert not cache.lock_path(path).exists()
+
+
+def test_without_hard_links_the_chunks_are_copied(tiny_store, monkeypatch):
+    path = tiny_store("t.zarr")
+    with cache.open(path) as store:
+        before = store.read_features(np.arange(store.n_images))
+
+    def no_links(src, dst, *args, **kwargs):
+        raise PermissionError(1, "hard links are not allowed here")
+
+    monkeypatch.setattr(grow_module, "_link", no_links)
+    with cache.grow(cache.open(path, "a"), add=NEW) as store:
+        np.testing.assert_array_equal(store.read_features(np.arange(10)), before)
+        assert store.verify() == []
+    assert (path / "patch_tokens/c.0.0.0").stat().st_nlink == 1  # a copy, not a link
