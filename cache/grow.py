@@ -134,7 +134,8 @@ def _carry_rows(old, new, name: str, keep: np.ndarray) -> None:
             except FileNotFoundError:
                 continue  # no chunk: the fill value (zeros) in both
             except OSError:  # no hard links here (or across devices): copy
-                shutil.copyfile(src, dst)
+                if src.is_file():
+                    shutil.copyfile(src, dst)
         return
     arr = old.array(name)
     for s in range(0, keep.size, _ROWS_PER_COPY):
