@@ -33,6 +33,7 @@ from .modeldir import ModelInfo, check_cache_compatible, load_model_dir
 from . import original_size
 from .eval_report import _json_float
 from .progress import NullProgress, Progress
+from .sample_table import model_test_ids
 from .scoring import MAP_SIGMA, NO_PIXEL_METRICS, measure, measure_images, score_cached
 
 __all__ = ["evaluate", "evaluate_many", "EvalResult", "mean_row", "write_summary", "TABLE_COLUMNS", "TABLE_CAPTION",
@@ -62,27 +63,6 @@ def resolve_cache_path(info: ModelInfo, override: Optional[Path]) -> Path:
     return beside if beside.exists() else recorded
 
 
-def check_fingerprint(store, info: ModelInfo) -> None:
-    """Raise ModelDirError unless ``store`` holds the features the model was fitted on.
-
-    The fingerprint covers the backbone settings and the sample table, so the
-    split's image ids mean the same images in both.
-    """
-    expected = info.cache.get("fingerprint")
-    have = store.fingerprint()
-    if expected is None:
-        raise ModelDirError(f"{info.path / 'config.json'} records no cache fingerprint; re-fit the model")
-    if have != expected:
-        # Name the differing backbone settings first when there are any.
-        check_cache_compatible(info, dict(store.attrs), what=f"cache {store.path}")
-        raise ModelDirError(
-            f"cache {store.path} (fingerprint {have[:12]}) is not the cache that model {info.path} was fitted on "
-            f"({info.cache.get('path')}, fingerprint {str(expected)[:12]}): its sample table or backbone settings "
-            f"differ, so the split's image ids would point at other images. Pass the model's own cache with "
-            f"--cache, or re-fit the model on this one."
-        )
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -96,9 +76,9 @@ def check_report_dir(report_dir: Path, model_dir: Path) -> None:
         )
 
 
-def _labelled_test_ids(info: ModelInfo, store) -> tuple[np.ndarray, np.ndarray]:
-    """The split's test ids and their 0/1 labels; raises when the split has none or some are unlabelled."""
-    ids = info.test_ids
+def _labelled_test_ids(info: ModelInfo, store, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The split's test ids (in ``store``) and their 0/1 labels; raises when the split has none or some are
+    unlabelled."""
     if len(ids) == 0:
         raise ModelDirError(
             f"model {info.path} has no test images to evaluate: the split in its config.json holds training "
@@ -145,8 +125,8 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
     place_model(model, dev)
 
     with cache.open(resolve_cache_path(info, cache_path), mode="r") as store:
-        check_fingerprint(store, info)
-        ids, labels = _labelled_test_ids(info, store)
+        found, table_note = model_test_ids(info, store)  # by path when the cache grew since the fit
+        ids, labels = _labelled_test_ids(info, store, found)
 
         tokens = info.raw.get("tokens", "patch")
         masks = store.read_masks(ids) if tokens == "patch" else None
@@ -164,6 +144,7 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         threshold = values["image_f1_threshold"]
         predictions = (image_scores >= threshold).astype(np.int64)  # all 0 when the threshold is nan
         record = metrics_record(info, store, ids, labels, values, predictions, seconds, dev)
+        record["sample_table"] = table_note  # the model's own split, found again if the cache grew
         original = _at_original_size(store, ids, maps, map_size) if masks is not None else None
         record["map_size"] = "input"
         if original is not None:  # the pixel metrics at the original size replace those at the input size
@@ -191,7 +172,9 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         names = [visualize_name(store.samples[int(i)]["path"]) for i in ids]
         if save_maps and maps is not None:
             files += original_size.save_maps(report_dir / "maps", names, maps if original is None else original.maps)
-        if pictures and original is not None:
+        if pictures and tokens == "class":
+            pass  # no anomaly maps to draw (warned above)
+        elif pictures and original is not None:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += original_size.write_pictures(report_dir, original, names=names, scores=image_scores,
                                                   labels=labels, top_k=top_k, title=title,

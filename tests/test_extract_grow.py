@@ -152,7 +152,8 @@ def test_a_changed_split_is_refused_before_the_backbone_loads(tmp_path, bb, monk
     with cache.open(out) as store:
         records = store.samples
         records[0] = {**records[0], "split": "test"}
-        with pytest.raises(cache.CacheMismatchError, match=r"train/good/000.png \(split 'train' -> 'test'\).*new output"):
+        changed = r"train/good/000.png \(split 'train' -> 'test'\).*new output"
+        with pytest.raises(cache.CacheMismatchError, match=changed):
             compare(store, records)
 
     class Loaded(Exception):
