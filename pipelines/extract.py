@@ -275,13 +275,13 @@ def _find_damaged(store, group: distributed.Group, progress: Progress) -> list[i
 def _check_resumable(store, requested: dict, records: list[dict]) -> None:
     """Raise CacheMismatchError unless ``store`` has the ``requested`` settings and its images keep their
     split, label and defect type in ``records`` (new and removed files are fine: :mod:`.extract_table`)."""
+    extract_table.compare(store, records)  # first: a changed folder explains a changed synthetic plan
     diffs = store.check_compatible(as_stored(requested, dict(store.attrs)))
     if diffs:
         listed = "; ".join(f"{k}: store has {old!r}, this run asks for {new!r}" for k, old, new in diffs)
         raise cache.CacheMismatchError(
             f"{store.path} was extracted with other settings ({listed}). Re-run with the store's settings to "
             f"resume it, or pass --overwrite to start over")
-    extract_table.compare(store, records)
 
 
 def _run(store, root: Path, samples: list[Sample], bb: Backbone, geom: Geometry, pending: np.ndarray,

@@ -13,6 +13,8 @@ Images are matched by their path relative to the dataset root:
   file and a new file has the same content: they are reported as renames. The
   new path is extracted like any new file (its split, label and mask may
   differ), and the old one is handled as removed;
+* a store with synthetic anomalies (``--synthetic``) does not grow: their plan
+  depends on the training images, so a changed folder is refused;
 * a kept path whose split, label or defect type the reader now gives otherwise
   (KolektorSDD assigns whole item folders to a split with a seeded shuffle, so
   a new item folder can move old images) is refused: the store's split would
@@ -102,6 +104,15 @@ def compare(store, records: list[dict]) -> TableChanges:
             f"(fit, eval), but not resumed, grown or verified. Extract into a new output, or pass --overwrite "
             f"to re-create it")
     stored = store.samples
+    if store.attrs.get("synthetic"):
+        real = ({s["path"] for s in stored if s["split"] != "synthetic"},
+                {r["path"] for r in records if r["split"] != "synthetic"})
+        if real[0] != real[1]:
+            raise cache.CacheMismatchError(
+                f"{store.path} holds synthetic anomalies (--synthetic), and the dataset folder changed since "
+                f"({len(real[1] - real[0])} new, {len(real[0] - real[1])} removed files): which training images "
+                f"they come from depends on the folder, so such a store cannot grow. Extract the folder into a "
+                f"new output, or pass --overwrite")
     position = {s["path"]: i for i, s in enumerate(stored)}
     in_data = {r["path"] for r in records}
     changed = [(stored[position[r["path"]]], r) for r in records

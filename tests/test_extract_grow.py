@@ -266,3 +266,14 @@ def test_torchrun_grows_the_store_like_one_process(tmp_path, bb):
     with cache.open(tmp_path / "two.zarr") as store:
         assert store.verify() == [] and store.paths[store.missing_from_source].tolist() == ["train/good/000.png"]
     assert not cache.lock_path(tmp_path / "two.zarr").exists()
+
+
+def test_a_store_with_synthetic_images_does_not_grow(tmp_path, bb):
+    data = make_mvtec(tmp_path / "data", n_train=2)
+    out = tmp_path / "f.zarr"
+    extract(data, out, backbone=bb, synthetic=0.5, seed=3, num_workers=0)
+    write_png(data / "test/good/050.png", seed=8)
+    with pytest.raises(cache.CacheMismatchError, match=r"synthetic anomalies .*1 new, 0 removed.*cannot grow"):
+        extract(data, out, backbone=bb, synthetic=0.5, seed=3, num_workers=0)
+    with cache.open(out) as store:
+        assert "test/good/050.png" not in store.paths.tolist()
