@@ -4,23 +4,19 @@ The training set is unlabelled and may hold anomalies, so a threshold is
 chosen from the distribution of the training images' scores alone, by one of
 these rules (``RULES``):
 
-- ``"otsu"`` (the default): Otsu's two-class split of the training scores
-  (the split point that maximises the between-class variance),
-  parameter-free; the threshold is the midpoint between the two classes'
-  nearest scores. It suits a contaminated training set, whose scores fall in
-  two groups; on a training set known to be clean (one group) it cuts the
-  normal scores in two, so use ``"mad"`` there.
-- ``"mad"``: a robust outlier rule, ``median + k * 1.4826 *
-  MAD`` with ``k = mad_k`` (default :data:`DEFAULT_MAD_K`). MAD is the median
-  absolute deviation from the median; 1.4826 makes it the standard deviation
-  of a normal distribution, so the rule flags scores ``k`` robust standard
-  deviations above the typical training image. A minority of anomalies in
-  the training set moves neither the median nor the MAD much. When more than
-  half the scores are equal (MAD = 0), the mean absolute deviation from the
-  median (times 1.2533, again a normal's standard deviation) stands in.
-- ``"quantile"``: the ``1 - expected_contamination`` quantile of the training
-  scores, i.e. the share of training images expected to be anomalous
-  (default :data:`DEFAULT_EXPECTED_CONTAMINATION`) is flagged.
+- ``"quantile"`` (the default): the ``1 - expected_contamination`` quantile
+  of the training scores, i.e. the share of training images expected to be
+  anomalous (default :data:`DEFAULT_EXPECTED_CONTAMINATION`) is flagged.
+- ``"otsu"``: Otsu's two-class split of the training scores (the split point
+  that maximises the between-class variance), parameter-free; the threshold
+  is the midpoint between the two classes' nearest scores. Good when the
+  training scores form two groups; when they do not, it cuts the normal
+  scores in two.
+- ``"mad"``: a robust outlier rule, ``median + k * 1.4826 * MAD`` with
+  ``k = mad_k`` (default :data:`DEFAULT_MAD_K`). MAD is the median absolute
+  deviation from the median; 1.4826 makes it the standard deviation of a
+  normal distribution. When more than half the scores are equal (MAD = 0),
+  the mean absolute deviation from the median (times 1.2533) stands in.
 
 Each rule works on a monotone ``scale`` of the scores (``SCALES``):
 ``"identity"`` for unbounded scores (kNN/SoftPatch distances) and ``"logit"``
@@ -46,9 +42,9 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 
-RULES = ("otsu", "mad", "quantile")
+RULES = ("quantile", "otsu", "mad")
 SCALES = ("identity", "logit")
-DEFAULT_RULE = "otsu"
+DEFAULT_RULE = "quantile"
 DEFAULT_EXPECTED_CONTAMINATION = 0.1
 DEFAULT_MAD_K = 3.0
 # MAD and mean absolute deviation -> the standard deviation of a normal distribution.

@@ -99,7 +99,7 @@ def test_eval_reports_the_models_own_threshold_next_to_f1_max(workdir, tmp_path)
     assert doc["recall_at_threshold"] == pytest.approx(recall)
     assert doc["f1_at_threshold"] <= doc["image_f1_max"] + 1e-9  # F1-max is chosen with the test labels
     assert "test labels" in doc["f1_max_note"]
-    assert set(doc["model_threshold"]["candidates"]) == {"otsu", "mad", "quantile"}
+    assert set(doc["model_threshold"]["candidates"]) == {"quantile", "otsu", "mad"}
     assert [int(r["prediction_at_model_threshold"]) for r in rows] == pred.astype(int).tolist()
 
 
