@@ -9,8 +9,11 @@ that would share a name get ``~2``, ``~3``... appended (logged).
 
 Output folder: a run refuses a non-empty folder unless ``overwrite``, so
 results of two runs are never mixed. Every run writes ``MANIFEST``
-(.funad-predict.json), the list of files it wrote; ``overwrite`` removes
-exactly those files (and the folders they leave empty) and nothing else. A
+(.funad-predict.json) before its first output file, naming the output
+folders it creates (``heatmaps/``, ``maps/`` when they did not exist), and
+at its end the list of files it wrote; ``overwrite`` removes exactly those
+files and every file in those folders (so an interrupted run is cleared
+too), then the folders left empty, and nothing else. A
 folder written before the manifest existed: ``overwrite`` removes
 ``scores.json``, ``scores.csv`` and ``heatmaps/NNNNN_*.png``, what that
 version wrote.
@@ -31,6 +34,7 @@ from .errors import PipelineError
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".funad-predict.json"
+OUTPUT_DIRS = ("heatmaps", "maps")
 _LEGACY = re.compile(r"^\d{5}_.*\.png$")
 
 
@@ -99,11 +103,15 @@ def _written_before(out_dir: Path) -> list[Path]:
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
-            names = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+            names, owned = list(doc["files"]), list(doc.get("owned_dirs", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PipelineError(f"{manifest} is unreadable ({exc}); remove the output folder {out_dir} by hand "
                                 "or choose another -o") from exc
         files = [out_dir / n for n in names]
+        for d in owned:
+            if d in OUTPUT_DIRS and (out_dir / d).is_dir():
+                files += [p for p in (out_dir / d).rglob("*") if p.is_file()]
         return [f for f in files if f.resolve().is_relative_to(out_dir.resolve())] + [manifest]
     legacy = [out_dir / "scores.json", out_dir / "scores.csv"]
     heat = out_dir / "heatmaps"
@@ -116,8 +124,9 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``out_dir`` unless ``overwrite``; then remove what funad wrote there before."""
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"output {out_dir} exists and is not a folder; choose another -o")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir() or not any(p.name != MANIFEST for p in out_dir.iterdir()):
+        out_dir.mkdir(parents=True, exist_ok=True)  # empty, or only the manifest of a run that wrote nothing
+        _start_manifest(out_dir)
         return
     if not overwrite:
         shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:4])
@@ -137,11 +146,27 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
     if left:
         logger.warning("%s keeps %d entr(ies) funad did not write (e.g. %s); they are left untouched", out_dir,
                        len(left), left[0])
+    _start_manifest(out_dir)
+
+
+def _start_manifest(out_dir: Path) -> None:
+    """Before any output: the output folders this run creates, so an interrupted run can be cleared."""
+    owned = [d for d in OUTPUT_DIRS if not (out_dir / d).exists()]
+    _write(out_dir, {"written_by": "funad predict", "complete": False, "owned_dirs": owned,
+                     "files": ["scores.json", "scores.csv"]})
+
+
+def _write(out_dir: Path, doc: dict) -> Path:
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def write_manifest(out_dir: Path, files: Sequence[Path]) -> Path:
     """Record the files this run wrote (relative to ``out_dir``), for a later ``--overwrite``."""
-    path = out_dir / MANIFEST
+    try:
+        owned = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8")).get("owned_dirs", [])
+    except (OSError, ValueError):
+        owned = []
     names = sorted({Path(f).resolve().relative_to(out_dir.resolve()).as_posix() for f in files})
-    path.write_text(json.dumps({"written_by": "funad predict", "files": names}, indent=1) + "\n", encoding="utf-8")
-    return path
+    return _write(out_dir, {"written_by": "funad predict", "complete": True, "owned_dirs": owned, "files": names})

@@ -147,6 +147,14 @@ def test_non_empty_output_is_refused_and_overwrite_clears_only_funads_files(setu
     assert len(json.loads((out / "scores.json").read_text())["images"]) == 3
     assert Path("my_notes.txt") in after
 
+    # An interrupted run (its manifest names the folders it created, not yet its files) is cleared as well.
+    manifest = json.loads((out / ".funad-predict.json").read_text())
+    (out / ".funad-predict.json").write_text(json.dumps({**manifest, "complete": False, "files": []}))
+    (out / "heatmaps" / "new" / "half_written.png").write_bytes(b"")
+    predict(setup["model"], [setup["root"] / "new_bad"], out, device="cpu", workers=0, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == [Path("heatmaps/new_bad/img_00.png")]
+    assert (out / "my_notes.txt").read_text() == "keep me"
+
 
 def test_heatmap_colours_are_fixed_by_the_threshold(setup, tmp_path):
     """The same image gets the same picture whatever else is in the run (no per-run min-max)."""
