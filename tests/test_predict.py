@@ -163,7 +163,6 @@ def test_heatmap_colours_are_fixed_by_the_threshold(setup, tmp_path):
                    device="cpu", workers=0)
     a = np.asarray(Image.open(tmp_path / "one" / one.records[0]["heatmap"]))
     b = np.asarray(Image.open(tmp_path / "many" / many.records[0]["heatmap"]))
-    h = a.shape[0]
     assert a.shape == b.shape
     np.testing.assert_array_equal(a[overlay.HEADER:], b[overlay.HEADER:])  # panels identical (headers name the file)
 
