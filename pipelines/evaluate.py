@@ -29,7 +29,7 @@ from .device import resolve_device
 from .errors import ModelDirError, PipelineError
 from .eval_report import (ORACLE_WARNING, TABLE_CAPTION, TABLE_COLUMNS, EvalResult, mean_row, metrics_record,
                           write_pictures, write_scores_csv, write_summary)
-from .modeldir import ModelInfo, check_cache_compatible, load_model_dir
+from .modeldir import ModelInfo, load_model_dir
 from . import original_size
 from .eval_report import _json_float
 from .progress import NullProgress, Progress
