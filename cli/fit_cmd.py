@@ -117,7 +117,7 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("--expected-contamination", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
               show_default=True, metavar="SHARE",
               help="Share of the training images expected to be anomalous (--threshold-rule quantile flags it). "
-                   "A guess is enough: on bottle and KolektorSDD 0.1 held for true shares of 9% and 13%.")
+                   "A rough guess: 0.1 was used for true shares of 9% (bottle) and 13% (KolektorSDD).")
 @click.option("--synthetic/--no-synthetic", default=None,
               help="Train on the cache's FUN-AD* synthetic anomalies (funad extract --synthetic), unlabelled and "
                    "pseudo-labelled like the rest [default: yes when the cache holds them]; --synthetic on a cache "
