@@ -19,7 +19,7 @@ The ratio predict / forward-only shows what the deployment path costs beyond
 the backbone (target >= 0.9); the ratio predict with PNGs / predict without
 shows what the heatmaps cost (target >= 0.7, issue 9). Prints markdown.
 
-    python benchmarks/bench_predict.py                    # 24 images, batch 8, bf16, 2 rounds
+    python benchmarks/bench_predict.py                    # 24 images, batch 8, fp32, 2 rounds
     python benchmarks/bench_predict.py --images 64 --device cuda --backbone-precision fp16
 """
 
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=8, help="training images extracted for the kNN model")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--backbone-precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--backbone-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--workers", type=int, default=None, help="predict's decode workers (default: its own)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved forward/predict rounds; best of each kept")
     args = ap.parse_args()
