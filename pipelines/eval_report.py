@@ -128,7 +128,8 @@ def metrics_record(info: ModelInfo, store, ids: np.ndarray, labels: np.ndarray, 
 
 
 def write_pictures(report_dir: Path, *, store, ids: np.ndarray, masks: np.ndarray, maps: np.ndarray,
-                    scores: np.ndarray, labels: np.ndarray, top_k: int, threshold: float, title: str) -> list[Path]:
+                    scores: np.ndarray, labels: np.ndarray, top_k: int, threshold: float, title: str,
+                    threshold_name: str = "threshold") -> list[Path]:
     """The report's PNGs from the store's previews (no image file is opened)."""
     from . import visualize  # matplotlib is only imported when pictures are asked for
 
@@ -139,6 +140,7 @@ def write_pictures(report_dir: Path, *, store, ids: np.ndarray, masks: np.ndarra
         store.read_previews(ids), masks, maps, scores, labels,
         [visualize.sample_name(store.samples[int(i)]["path"]) for i in ids], report_dir,
         threshold=None if math.isnan(threshold) else threshold, k=top_k, title=title,
+        threshold_name=threshold_name,
     )
     return [p for paths in written.values() for p in paths]
 

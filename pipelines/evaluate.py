@@ -172,17 +172,25 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         names = [visualize_name(store.samples[int(i)]["path"]) for i in ids]
         if save_maps and maps is not None:
             files += original_size.save_maps(report_dir / "maps", names, maps if original is None else original.maps)
+        # Pictures call fp/fn at the model's own threshold (chosen without labels), as a user would
+        # deploy it; a model fitted before thresholds existed falls back to F1-max, named as such.
+        if own is not None:
+            picture_threshold, threshold_name = float(own["image"]), "the model's unlabelled threshold"
+        else:
+            picture_threshold, threshold_name = float(threshold), "F1-max threshold (chosen with TEST labels)"
         if pictures and tokens == "class":
             pass  # no anomaly maps to draw (warned above)
         elif pictures and original is not None:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += original_size.write_pictures(report_dir, original, names=names, scores=image_scores,
                                                   labels=labels, top_k=top_k, title=title,
-                                                  threshold=None if np.isnan(threshold) else float(threshold))
+                                                  threshold=None if np.isnan(picture_threshold) else picture_threshold,
+                                                  threshold_name=threshold_name)
         elif pictures:
             title = f"{model_dir.resolve().name} ({info.method}{', ORACLE selection' if info.is_oracle else ''})"
             files += write_pictures(report_dir, store=store, ids=ids, masks=masks, maps=maps, scores=image_scores,
-                                    labels=labels, top_k=top_k, threshold=threshold, title=title)
+                                    labels=labels, top_k=top_k, threshold=picture_threshold, title=title,
+                                    threshold_name=threshold_name)
 
     files.append(report_dir / "metrics.json")
     files[-1].write_text(json.dumps(record, indent=2) + "\n")

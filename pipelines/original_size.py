@@ -123,7 +123,8 @@ class LazyImages(Sequence):
 
 
 def write_pictures(report_dir: Path, original: OriginalMaps, *, names: Sequence[str], scores: np.ndarray,
-                   labels: np.ndarray, top_k: int, threshold: Optional[float], title: str) -> list[Path]:
+                   labels: np.ndarray, top_k: int, threshold: Optional[float], title: str,
+                   threshold_name: str = "threshold") -> list[Path]:
     """The report's PNGs drawn on the original images with their original-size maps (unscored pixels clear)."""
     from . import visualize
 
@@ -131,5 +132,5 @@ def write_pictures(report_dir: Path, original: OriginalMaps, *, names: Sequence[
     hi = max(float(np.nanmax(m)) for m in original.maps if not np.isnan(m).all())
     written = visualize.write_report_pictures(
         LazyImages(original.paths), original.masks, original.maps, scores, labels, list(names), report_dir,
-        threshold=threshold, k=top_k, vmin=lo, vmax=hi, title=title)
+        threshold=threshold, k=top_k, vmin=lo, vmax=hi, title=title, threshold_name=threshold_name)
     return [p for paths in written.values() for p in paths]

@@ -219,7 +219,7 @@ def write_report_pictures(images: Sequence[np.ndarray], masks: Optional[Sequence
                           maps: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: Sequence[str],
                           out_dir: Union[str, Path], threshold: Optional[float], k: int = 5,
                           vmin: Optional[float] = None, vmax: Optional[float] = None,
-                          title: str = "") -> dict[str, list[Path]]:
+                          title: str = "", threshold_name: str = "threshold") -> dict[str, list[Path]]:
     """Write the pictures of one evaluation run into ``out_dir``.
 
     Files (score with three decimals, then the sample's name):
@@ -240,6 +240,7 @@ def write_report_pictures(images: Sequence[np.ndarray], masks: Optional[Sequence
         names: n readable ids (see :func:`sample_name`), used in file names.
         out_dir: folder to write (created).
         threshold: image threshold (e.g. the F1-max one); None skips fp/fn.
+        threshold_name: how the fp/fn captions name it (e.g. where it came from).
         k: how many most and least anomalous images.
         vmin, vmax: colour scale; default: the minimum and maximum of ``maps``.
         title: prefix of the figure titles (e.g. the category and method).
@@ -285,9 +286,9 @@ def write_report_pictures(images: Sequence[np.ndarray], masks: Optional[Sequence
     if threshold is not None:
         predicted = scores >= threshold
         for i in np.flatnonzero(predicted & (labels == 0)):
-            draw("fp", int(i), f"false positive at threshold {threshold:.3f}")
+            draw("fp", int(i), f"false positive at {threshold_name} {threshold:.4g}")
         for i in np.flatnonzero(~predicted & (labels == 1)):
-            draw("fn", int(i), f"false negative at threshold {threshold:.3f}")
+            draw("fn", int(i), f"false negative at {threshold_name} {threshold:.4g}")
     # Most anomalous first, then the least anomalous ending with the lowest score;
     # an image is shown once when n < 2k.
     grid_idx = list(dict.fromkeys([int(i) for i in order[:k]] + [int(i) for i in order[::-1][:k][::-1]]))

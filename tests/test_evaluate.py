@@ -131,8 +131,11 @@ def test_scores_csv_rows_and_pictures(workdir, tmp_path):
     assert len(list(report.glob("most-*.png"))) == 2
     assert len(list(report.glob("least-*.png"))) == 2
     assert (report / "overview.png").stat().st_size > 0
-    assert len(list(report.glob("fp_*.png"))) == doc["counts"]["n_false_positives"]
-    assert len(list(report.glob("fn_*.png"))) == doc["counts"]["n_false_negatives"]
+    # fp/fn pictures are those at the model's own (unlabelled) threshold, not at F1-max's
+    own = doc["model_threshold"]["model_threshold"]
+    assert len(list(report.glob("fp_*.png"))) == own["fp"]
+    assert len(list(report.glob("fn_*.png"))) == own["fn"]
+    assert [int(s >= own["threshold"]) for s in scores].count(1) == own["n_flagged"]
 
 
 def test_oracle_selection_is_flagged(workdir, tmp_path):
