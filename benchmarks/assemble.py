@@ -16,6 +16,7 @@ ORDER = [
     ("Speed: extract", "extract.md"),
     ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
+    ("Decisions without labels: threshold rules against F1-max", "thresholds.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
