@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
     ("Quality: KolektorSDD", "quality-ksdd.md"),
+    ("Quality: KolektorSDD in its own geometry (full frame, tiles) against squashed", "geometry.md"),
     ("Speed: extract", "extract.md"),
     ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
