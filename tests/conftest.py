@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -91,3 +92,24 @@ def tiny_store(tmp_path: Path) -> Callable[..., Path]:
         return build_tiny_store(tmp_path / name, **options)
 
     return make
+
+
+@contextmanager
+def backbone_killed_on_call(n: int):
+    """Inside the block, the ``n``-th backbone forward pass raises KeyboardInterrupt, as if the
+    extraction were killed there (the earlier batches are written); the real forward pass is back after."""
+    from funad.pipelines.backbone import Backbone
+
+    original, calls = Backbone.__call__, {"n": 0}
+
+    def killed(self, x):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    Backbone.__call__ = killed
+    try:
+        yield
+    finally:
+        Backbone.__call__ = original

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import funad
+from conftest import backbone_killed_on_call
 from funad import cache
 from funad.cli.cache_cmd import cache as cache_cli
 from funad.cli.extract_cmd import extract as extract_cli
@@ -119,19 +120,8 @@ def test_resume_after_a_crash_gives_identical_features(tmp_path, bb, monkeypatch
     data = make_mvtec(tmp_path / "data")
     extract(data, tmp_path / "clean.zarr", backbone=bb, batch_size=3, num_workers=0)
 
-    calls = {"n": 0}
-    original = Backbone.__call__
-
-    def crash_on_second_batch(self, x):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(Backbone, "__call__", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with backbone_killed_on_call(2), pytest.raises(KeyboardInterrupt):
         extract(data, tmp_path / "crash.zarr", backbone=bb, batch_size=3, num_workers=0)
-    monkeypatch.setattr(Backbone, "__call__", original)
     with cache.open(tmp_path / "crash.zarr") as store:
         assert store.status.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # the first batch survived the crash
         first = store.read_patch_tokens([0, 1, 2])
@@ -285,19 +275,8 @@ def test_cli_extract_with_a_local_weights_file(tmp_path, bb):
 
 def _half_done_store(out: Path, data: Path, opts: dict, monkeypatch) -> None:
     """A store whose extraction stopped after two images."""
-    calls = {"n": 0}
-    original = Backbone.__call__
-
-    def stop_after_two(self, x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(Backbone, "__call__", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with backbone_killed_on_call(3), pytest.raises(KeyboardInterrupt):
         extract(data, out, **opts)
-    monkeypatch.setattr(Backbone, "__call__", original)
 
 
 def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import backbone_killed_on_call
 from funad import cache
 from funad.cli.extract_cmd import extract as extract_cli
 from funad.pipelines.backbone import Backbone, BackboneSpec, load_backbone
@@ -69,19 +70,8 @@ def test_an_interrupted_append_resumes(tmp_path, bb, monkeypatch):
     _run(data, out, bb)
     for i in range(3):
         write_png(data / f"train/good/1{i}.png", seed=40 + i)
-    calls = {"n": 0}
-    original = Backbone.__call__
-
-    def stop_on_second(self, x):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(Backbone, "__call__", stop_on_second)
-    with pytest.raises(KeyboardInterrupt):
+    with backbone_killed_on_call(2), pytest.raises(KeyboardInterrupt):
         _run(data, out, bb)
-    monkeypatch.setattr(Backbone, "__call__", original)
     with cache.open(out) as store:
         assert store.n_images == 8 and store.status.tolist() == [1] * 5 + [1, 0, 0]
         with pytest.raises(cache.IncompleteCacheError, match="train/good/11.png"):
@@ -121,19 +111,8 @@ def test_removed_and_renamed_files_are_reported_and_kept_until_pruned(tmp_path, 
 def test_a_pending_image_whose_file_is_gone_is_skipped_with_a_reason(tmp_path, bb, monkeypatch):
     data = make_mvtec(tmp_path / "data", n_train=3)
     out = tmp_path / "f.zarr"
-    original = Backbone.__call__
-    calls = {"n": 0}
-
-    def stop_on_third(self, x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(Backbone, "__call__", stop_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with backbone_killed_on_call(3), pytest.raises(KeyboardInterrupt):
         _run(data, out, bb)
-    monkeypatch.setattr(Backbone, "__call__", original)
     (data / "test/good/000.png").unlink()  # image 5 (after train/good and test/crack), never extracted
     result = _run(data, out, bb)
     assert result.table.missing == ["test/good/000.png"] and result.written == 3

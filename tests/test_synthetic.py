@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import backbone_killed_on_call
 from funad import cache
 from funad.config import FunADConfig
 from funad.localnet import LocalNet
@@ -93,22 +94,11 @@ def test_extract_stores_synthetic_images_with_masks_sources_and_preview(tmp_path
 
 
 def test_an_interrupted_run_resumes_to_the_same_synthetic_features(tmp_path, bb, monkeypatch):
-    from funad.pipelines.backbone import Backbone
 
     data = make_mvtec(tmp_path / "data", n_train=6)
     extract(data, tmp_path / "clean.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
-    original, calls = Backbone.__call__, {"n": 0}
-
-    def crash_on_second_batch(self, x):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(Backbone, "__call__", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with backbone_killed_on_call(2), pytest.raises(KeyboardInterrupt):
         extract(data, tmp_path / "crash.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
-    monkeypatch.setattr(Backbone, "__call__", original)
     result = extract(data, tmp_path / "crash.zarr", backbone=bb, synthetic=0.5, seed=1, batch_size=4, num_workers=0)
     assert (result.already, result.written) == (4, 8)  # 6 train + 3 test + 3 synthetic
     with cache.open(tmp_path / "crash.zarr") as resumed, cache.open(tmp_path / "clean.zarr") as clean:
