@@ -22,6 +22,7 @@ BANK_RULES = ("minmax", "rank")
 
 
 SYNTHETIC_MODES = ("off", "pseudo", "mask")  # FunADConfig.synthetic
+SCORE_SPACES = ("probability", "logit")  # FunADConfig.score_space
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class FunADConfig:
     bank_rule: str = "minmax"  # bank candidates: Ŝ < τ_b after min-max (paper), or "rank": the τ_b share scoring lowest
     max_iterations: Optional[int] = None  # cap on epochs x steps: fewer epochs on large training sets (paper: none)
     ema: Optional[float] = None  # keep an exponential moving average of the Local-Net weights with this decay and use it for inference (paper: none, the last weights)
+    score_space: str = "probability"  # inference only: patch scores are φ's sigmoid output (paper) or its logit, which orders patches the same but does not saturate at 1.0 before maps are upsampled and smoothed; training is unchanged
     # --- FUN-AD* (paper Sec. 5.3) ---
     synthetic: str = "pseudo"  # synthetic anomaly images in the training data: "pseudo" = unlabelled and pseudo-labelled like the rest, no L_ms gradient through them (paper); "mask" = their Perlin masks as labels (supp. Table 5); "off" = left out
 
@@ -78,6 +80,8 @@ class FunADConfig:
               f"max_iterations must be >= 1 or None, got {self.max_iterations}")
         check(self.ema is None or 0.0 <= self.ema < 1.0, f"ema must lie in [0, 1) or be None, got {self.ema}")
 
+        check(self.score_space in SCORE_SPACES,
+              f"score_space must be one of {list(SCORE_SPACES)}, got {self.score_space!r}")
         check(self.synthetic in SYNTHETIC_MODES,
               f"synthetic must be one of {list(SYNTHETIC_MODES)}, got {self.synthetic!r}")
     @property

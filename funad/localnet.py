@@ -52,6 +52,10 @@ class LocalNet(nn.Module):
         """Scores (...) in (0, 1) of adapted features (..., dim)."""
         return self.discriminator(a).squeeze(-1)
 
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """The discriminator's pre-sigmoid output (...) of features (..., dim): same order as forward, unbounded."""
+        return self.discriminator[:-1](self.adapt(f)).squeeze(-1)
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """Scores (...) in (0, 1) of features (..., dim); higher = more anomalous."""
         return self.discriminate(self.adapt(f))

@@ -265,17 +265,18 @@ class FunAD:
 
     @torch.no_grad()
     def score_patches(self, features: FeaturesLike) -> np.ndarray:
-        """Patch scores φ(f) in (0, 1), float32 (n_images, n_patches)."""
+        """Patch scores, float32 (n_images, n_patches): φ(f) in (0, 1), or its logit with ``score_space="logit"``."""
         self._check_fitted()
         source = as_source(features)
         if source.dim != self.dim_:
             raise DataError(f"model was fitted on D={self.dim_} features, input has D={source.dim}")
         self.net_.eval()
+        score = self.net_.logits if self.config.score_space == "logit" else self.net_
         out = np.empty((source.n_images, source.n_patches), dtype=np.float32)
         step = images_per_chunk(source.n_patches)
         for start in range(0, source.n_images, step):
             idx = np.arange(start, min(source.n_images, start + step))
-            out[idx] = self.net_(source.get(idx).to(self.device_)).float().cpu().numpy()
+            out[idx] = score(source.get(idx).to(self.device_)).float().cpu().numpy()
         return out
 
     def score_images(self, features: FeaturesLike) -> np.ndarray:

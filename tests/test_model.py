@@ -251,3 +251,26 @@ def test_weight_average_leaves_training_alone_and_averages_the_steps():
         torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="ema must lie in"):
         small(ema=1.0)
+
+
+def test_logit_scores_order_patches_like_probabilities_without_saturating(fitted):
+    """score_space="logit" is inference only: σ(logit) is the probability score, and where the sigmoid
+    saturates to 1.0 in float32 the logits still tell patches apart."""
+    model = fitted[0]
+    x = planted(seed=3)
+    prob = model.score_patches(x)
+    as_logit = FunAD.from_state_dict({**model.state_dict(), "config": {**model.config.to_dict(), "score_space": "logit"}})
+    logit = as_logit.score_patches(x)
+    np.testing.assert_allclose(torch.sigmoid(torch.from_numpy(logit)).numpy(), prob, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(logit.argmax(axis=1), prob.argmax(axis=1))
+
+    with torch.no_grad():  # push every score past float32's sigmoid range
+        as_logit.net_.discriminator[-2].bias += 60.0
+    saturated = FunAD.from_state_dict({**as_logit.state_dict(), "config": model.config.to_dict()})
+    assert np.all(saturated.score_patches(x) == 1.0)
+    assert len(np.unique(as_logit.score_patches(x))) == x.shape[0] * x.shape[1]
+
+
+def test_unknown_score_space_is_refused():
+    with pytest.raises(ConfigError, match="score_space"):
+        small(score_space="rank")
