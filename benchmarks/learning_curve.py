@@ -46,15 +46,20 @@ def main() -> None:
     if averaged:
         print(f"The model's weights are a moving average (ema={config['config'].get('ema')}); the last weights of "
               "the same fits are beside them (image / pixel AUROC).\n")
-    extra = " | last weights: image / pixel AUROC" if averaged else ""
+    logit = any("test_pixel_auroc_logit" in r for log in logs.values() for r in log)
+    extra = (" | last weights: image / pixel AUROC" if averaged else "") + (
+        " | logit scores: pixel AUROC / AUPRO" if logit else "")
     print(f"| epoch | image AUROC | pixel AUROC | AUPRO@0.3{extra} | bank images | bank purity | pseudo recall |")
-    print("|---|---|---|---|---|---|---|" + ("---|" if averaged else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if averaged else "") + ("---|" if logit else ""))
     for e in epochs:
         rows = [r for log in logs.values() for r in log if r["epoch"] == e and "test_image_auroc" in r]
         last = ""
         if averaged:
             last = (f" | {cell([r['test_image_auroc_last_weights'] for r in rows])} / "
                     f"{cell([r['test_pixel_auroc_last_weights'] for r in rows])}")
+        if logit:
+            last += (f" | {cell([r['test_pixel_auroc_logit'] for r in rows if 'test_pixel_auroc_logit' in r])} / "
+                     f"{cell([r['test_aupro_logit'] for r in rows if 'test_aupro_logit' in r])}")
         print(f"| {e} | {cell([r['test_image_auroc'] for r in rows])} | {cell([r['test_pixel_auroc'] for r in rows])} "
               f"| {cell([r['test_aupro'] for r in rows])}{last} | {cell([r['bank_images'] for r in rows], False)} "
               f"| {cell([r['bank_purity'] for r in rows if r.get('bank_purity') is not None], False)} "

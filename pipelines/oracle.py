@@ -82,7 +82,9 @@ class LearningCurve(TestScorer):
     ``train_log.jsonl`` under ``test_image_auroc``, ``test_pixel_auroc`` and
     ``test_aupro``, with ``test_metrics_note`` saying that they use test labels.
     With ``ema`` set they are the averaged weights' and the same keys ending in
-    ``_last_weights`` hold the last weights'.
+    ``_last_weights`` hold the last weights'. With the default probability
+    scores, the keys ending in ``_logit`` hold the same weights' metrics with
+    ``score_space=logit``.
     """
 
     def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device, every: int,
@@ -97,6 +99,16 @@ class LearningCurve(TestScorer):
         values = self.metrics(model)
         out = {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
                "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
+        if model.config.score_space == "probability":
+            # the same weights scored by their logit (score_space=logit, inference only) go beside
+            # them, so one fit shows both curves
+            config, model.config = model.config, model.config.replace(score_space="logit")
+            try:
+                logit = self.metrics(model)
+            finally:
+                model.config = config
+            out.update({"test_image_auroc_logit": logit["image_auroc"],
+                        "test_pixel_auroc_logit": logit["pixel_auroc"], "test_aupro_logit": logit["aupro"]})
         trained = getattr(model, "trained_net_", None)
         if trained is not None and trained is not model.net_:
             # ema: the model scores with the weights' average; the last weights go beside it, so one

@@ -386,6 +386,7 @@ def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_pa
     measured = [r["epoch"] for r in log if "test_image_auroc" in r]
     assert measured == [2, 3]  # every 2 epochs, and the last
     assert all("TEST labels" in r["test_metrics_note"] for r in log if "test_image_auroc" in r)
+    assert all(0.0 <= r["test_pixel_auroc_logit"] <= 1.0 for r in log if "test_image_auroc" in r)
     # The learning curve is the eval of that epoch's weights: the last point equals eval of the model.
     model, info = modeldir.load_model_dir(curve)
     from funad.metrics import image_metrics
