@@ -83,9 +83,15 @@ def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
                             "to train on, or --overwrite to re-fit)")
     diffs = [f"{key}: {old.get(key)!r} -> {config[key]!r}" for key in ("method", "seed", "selection")
              if old.get(key) != config[key]]
-    diffs += [f"{key}: {old['config'].get(key)!r} -> {config['config'].get(key)!r}"
-              for key in sorted((set(old["config"]) | set(config["config"])) - {"epochs"})
-              if old["config"].get(key) != config["config"].get(key)]
+    old_config = old["config"]
+    if old.get("method") == "funad" == config["method"]:
+        # a setting added by a later version is its default in a fit started before it existed
+        from funad.config import FunADConfig
+
+        old_config = {**FunADConfig().to_dict(), **old_config}
+    diffs += [f"{key}: {old_config.get(key)!r} -> {config['config'].get(key)!r}"
+              for key in sorted((set(old_config) | set(config["config"])) - {"epochs"})
+              if old_config.get(key) != config["config"].get(key)]
     if old["cache"].get("fingerprint") != config["cache"]["fingerprint"]:
         n_old, n_new = old["cache"].get("n_images"), config["cache"].get("n_images")
         if old["cache"].get("attrs") == config["cache"].get("attrs") or n_old != n_new:

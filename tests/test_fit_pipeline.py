@@ -286,6 +286,22 @@ def test_resume_with_other_settings_is_refused(store_path, tmp_path):
     assert res.exit_code != 0 and "lambda_" in res.output
 
 
+def test_resume_of_a_fit_from_before_a_setting_existed(store_path, tmp_path):
+    """A setting that a later version added counts as its default in a fit started before it existed."""
+    out = tmp_path / "m"
+    out.mkdir()
+    fit_pipeline.fit(store_path, out, fit_pipeline.FitSpec(overrides=(("batch_size", 4),), epochs=2), device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["config"]["score_space"]  # as written before score_space existed
+    cfg["complete"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = run([store_path, "-o", out, "--resume", "--set", "score_space=logit", "--set", "batch_size=4",
+               "--epochs", "2", "--device", "cpu"])
+    assert res.exit_code != 0 and "score_space" in res.output
+    res = run([store_path, "-o", out, "--resume", "--set", "batch_size=4", "--epochs", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+
+
 def test_knn_method(store_path, tmp_path):
     out = tmp_path / "knn"
     res = run([store_path, "-o", out, "--method", "knn", "--device", "cpu", "--contamination", "0.25"])
