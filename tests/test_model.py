@@ -134,6 +134,16 @@ def test_resume_with_other_config_is_refused():
         FunAD(small(epochs=2, tau_n=0.6)).fit(planted(), checkpoint=states[0])
 
 
+def test_checkpoint_from_before_a_setting_existed_resumes_exactly():
+    states = []
+    whole = FunAD(small(epochs=2)).fit(planted(), on_checkpoint=states.append)
+    old = {**states[0], "config": {k: v for k, v in states[0]["config"].items() if k != "score_space"}}
+    resumed = FunAD(small(epochs=2)).fit(planted(), checkpoint=old)
+    assert same_weights(weights(whole), weights(resumed))
+    with pytest.raises(ConfigError, match="score_space"):
+        FunAD(small(epochs=2, score_space="logit")).fit(planted(), checkpoint=old)
+
+
 def test_image_level_variant_p1():
     x = planted(n=20, p=1, position=0)
     model = FunAD(small(epochs=6)).fit(x)
