@@ -53,11 +53,13 @@ def results_table(results: Sequence, mean: Optional[dict]) -> Table:
               help="original: maps, masks, pixel metrics and pictures at the original images' pixel size (reads the "
                    "images and masks of the dataset the cache records); input: the cache's own frame, from the "
                    "cache alone; auto: original when the cache came from a dataset funad reads.")
-@click.option("--save-maps", is_flag=True, help="Also write each test image's anomaly map as maps/NAME.npy "
-                                                 "(float32; NaN where the geometry never scored the pixel).")
+@click.option("--save-maps", type=click.Choice(["npy", "tiff"]), is_flag=False, flag_value="npy", default=None,
+              help="Also write each test image's anomaly map as maps/NAME.npy (--save-maps or --save-maps npy) or "
+                   "maps/NAME.tiff (--save-maps tiff, a 32-bit float TIFF): float32, NaN where the geometry never "
+                   "scored the pixel.")
 @user_errors
 def evaluate(model_dirs: tuple[Path, ...], cache_path: Optional[Path], report_dir: Path, top_k: int, device: str,
-             batch_size: int, no_pictures: bool, map_size: str, save_maps: bool) -> None:
+             batch_size: int, no_pictures: bool, map_size: str, save_maps: Optional[str]) -> None:
     """Evaluate MODEL_DIR(s) on the test images of their contamination split.
 
     \b
@@ -74,7 +76,7 @@ def evaluate(model_dirs: tuple[Path, ...], cache_path: Optional[Path], report_di
     with RichProgress() as progress:
         results = evaluate_many(model_dirs, report_dir, cache_path=cache_path, top_k=top_k, device=device,
                                 pictures=not no_pictures, batch_size=batch_size, map_size=map_size,
-                                save_maps=save_maps, progress=progress)
+                                save_maps=save_maps or False, progress=progress)
     mean = None
     if len(results) > 1:
         mean = mean_row(results)

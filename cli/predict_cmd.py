@@ -24,9 +24,9 @@ _SHOWN = 20  # rows of the terminal table; the files hold all of them
 @click.option("--threshold", type=float, default=None,
               help="Override the model's own threshold (chosen without labels at the end of funad fit): an image "
                    "is anomalous when its score >= T. Must lie within the model's training score range.")
-@click.option("--heatmaps", type=click.Choice(["png", "npy", "none"]), default="png", show_default=True,
+@click.option("--heatmaps", type=click.Choice(["png", "npy", "tiff", "none"]), default="png", show_default=True,
               help="Per image: png = image + overlay on the model's fixed colour scale (0.5 = threshold), "
-                   "npy = the float32 anomaly map, none = scores only.")
+                   "npy / tiff = the float32 anomaly map at the original size (.npy or 32-bit float .tiff), none = scores only.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per backbone forward pass.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),

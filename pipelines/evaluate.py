@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def _labelled_test_ids(info: ModelInfo, store, ids: np.ndarray) -> tuple[np.ndar
 
 def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = None, top_k: int = 5,
              device: str = "auto", pictures: bool = True, batch_size: int = 32, map_size: str = "auto",
-             save_maps: bool = False, progress: Progress = NullProgress()) -> EvalResult:
+             save_maps: Union[bool, str] = False, progress: Progress = NullProgress()) -> EvalResult:
     """Evaluate one model directory on its split's test images; write the report.
 
     Args:
@@ -110,7 +110,8 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         map_size: "original" (maps, masks, pixel metrics and pictures at the original images' size, read from
             the dataset the cache records), "input" (the cache's frame, from the cache alone) or "auto"
             (original when the cache was extracted from a dataset funad reads, else input).
-        save_maps: write every test map as ``maps/NAME.npy`` (float32, NaN where never scored).
+        save_maps: write every test map as ``maps/NAME.npy`` (True or "npy") or ``maps/NAME.tiff``
+            ("tiff"): float32, NaN where never scored.
     Returns:
         An :class:`EvalResult` whose ``metrics`` is what metrics.json holds.
     """
@@ -171,7 +172,8 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
             logger.warning("%s: no pictures: they show anomaly maps, which a class-token model does not make", model_dir)
         names = [visualize_name(store.samples[int(i)]["path"]) for i in ids]
         if save_maps and maps is not None:
-            files += original_size.save_maps(report_dir / "maps", names, maps if original is None else original.maps)
+            files += original_size.save_maps(report_dir / "maps", names, maps if original is None else original.maps,
+                                             fmt=save_maps if isinstance(save_maps, str) else "npy")
         # Pictures call fp/fn at the model's own threshold (chosen without labels), as a user would
         # deploy it; a model fitted before thresholds existed falls back to F1-max, named as such.
         if own is not None:
@@ -246,7 +248,7 @@ def place_model(model, device: torch.device):
 
 def evaluate_many(model_dirs: Sequence[Path], report_dir: Path, *, cache_path: Optional[Path] = None,
                   top_k: int = 5, device: str = "auto", pictures: bool = True, batch_size: int = 32,
-                  map_size: str = "auto", save_maps: bool = False,
+                  map_size: str = "auto", save_maps: Union[bool, str] = False,
                   progress: Progress = NullProgress()) -> list[EvalResult]:
     """Evaluate several model directories (e.g. one per category).
 

@@ -99,13 +99,29 @@ def _mask(root: Path, sample, hw: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def save_maps(folder: Path, names: Sequence[str], maps: Sequence[np.ndarray]) -> list[Path]:
-    """One ``NAME.npy`` float32 (h, w) per map, NaN where not scored."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{n}.npy" for n in names]
-    for p, m in zip(paths, maps):
-        np.save(p, np.asarray(m, dtype=np.float32))
-    return paths
+MAP_FORMATS = ("npy", "tiff")  # float32 map files: numpy's .npy, or a 32-bit float TIFF (image viewers, ImageJ)
+
+
+def write_map(path: Path, amap: np.ndarray) -> Path:
+    """Write one float32 (h, w) map to ``path``; its suffix (.npy or .tiff) chooses the format.
+
+    The TIFF is Pillow's single-channel 32-bit float image (mode "F"), which
+    Pillow, tifffile and ImageJ read back bit for bit, NaN included.
+    """
+    amap = np.asarray(amap, dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".tiff":
+        Image.fromarray(np.ascontiguousarray(amap)).save(path, format="TIFF")
+    else:
+        np.save(path, amap)
+    return path
+
+
+def save_maps(folder: Path, names: Sequence[str], maps: Sequence[np.ndarray], fmt: str = "npy") -> list[Path]:
+    """One ``NAME.<fmt>`` float32 (h, w) map file per map (:func:`write_map`), NaN where not scored."""
+    if fmt not in MAP_FORMATS:
+        raise ValueError(f"map format must be one of {list(MAP_FORMATS)}, got {fmt!r}")
+    return [write_map(folder / f"{n}.{fmt}", m) for n, m in zip(names, maps)]
 
 
 class LazyImages(Sequence):

@@ -22,7 +22,8 @@ no decision without ``threshold``.
 Per-image outputs (``heatmaps``): ``"png"`` writes heatmaps/<name>.png (the
 image and the overlay on the model's fixed colour scale,
 :mod:`funad.pipelines.overlay`), ``"npy"`` writes maps/<name>.npy (the
-float32 map in the model's score units), ``"none"`` neither. They are
+float32 map in the model's score units), ``"tiff"`` the same as maps/<name>.tiff
+(32-bit float), ``"none"`` neither. They are
 rendered in a background thread while the next batch is scored.
 
 A missing or unreadable image is recorded as an error in the outputs and the
@@ -58,7 +59,7 @@ from .scoring import model_scores
 
 logger = logging.getLogger(__name__)
 
-HEATMAPS = ("none", "png", "npy")
+HEATMAPS = ("none", "png", "npy", "tiff")
 
 __all__ = ["predict", "collect_images", "image_map", "PredictResult", "HEATMAPS", "NO_THRESHOLD_NOTE"]
 
@@ -142,7 +143,7 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
         threshold: overrides the model's own threshold: an image is anomalous when its score >= threshold.
         precision: backbone autocast, "fp32", "bf16" or "fp16"; default: the cache's.
         workers: DataLoader decode workers (default: as ``funad extract``: 1 on CPU, more on a GPU).
-        heatmaps: "png", "npy" or "none" (module docstring); True/False mean "png"/"none".
+        heatmaps: "png", "npy", "tiff" or "none" (module docstring); True/False mean "png"/"none".
         overwrite: replace what an earlier predict wrote into a non-empty ``out_dir`` (else refused).
     Returns:
         A :class:`PredictResult`; ``records[i]`` has path, output name, score, normalised_score and
@@ -174,7 +175,7 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
     if heatmaps == "png" and decision["record"] is None:
         raise ModelDirError(f"{info.path / 'config.json'} records no threshold (fitted by an older funad), and PNG "
                             f"heatmaps are drawn on the model's fixed scale around it; re-fit the model, or pass "
-                            f"--heatmaps npy or --heatmaps none")
+                            f"--heatmaps npy, tiff or none")
     prepare_output(out_dir, overwrite)
     for path, reason in problems:
         logger.warning("%s: %s; recorded as an error", path, reason)

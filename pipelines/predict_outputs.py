@@ -3,7 +3,8 @@
 Per-image outputs (``--heatmaps``): ``png`` writes heatmaps/<name>.png (the
 image and its overlay on the model's fixed colour scale,
 :mod:`funad.pipelines.overlay`), ``npy`` writes maps/<name>.npy (the float32
-map in the model's score units), ``none`` neither. One background thread
+map in the model's score units), ``tiff`` maps/<name>.tiff (the same as a 32-bit float
+TIFF), ``none`` neither. One background thread
 writes them while the next batch is scored.
 """
 
@@ -22,6 +23,7 @@ from funad import __version__, anomaly_map
 
 from . import overlay, thresholds
 from .modeldir import ModelInfo
+from .original_size import MAP_FORMATS, write_map
 from .predict_files import InputImage
 from .geometry import Geometry, original_size
 from .scoring import MAP_SIGMA
@@ -101,10 +103,8 @@ class Outputs:
         record = self.decision["record"]
         for im, r, crop, p in zip(images, batch, crops, patch_scores):
             amap = image_map(p, self.info, im.path)  # on the original image's pixels
-            if self.heatmaps == "npy":
-                path = self.out_dir / "maps" / f"{im.rel}.npy"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, amap.astype(np.float32, copy=False))
+            if self.heatmaps in MAP_FORMATS:
+                path = write_map(self.out_dir / "maps" / f"{im.rel}.{self.heatmaps}", amap)
                 r["map"] = path.relative_to(self.out_dir).as_posix()
             else:
                 norm = thresholds.normalised(record, amap, key="pixel")

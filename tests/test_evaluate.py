@@ -189,6 +189,16 @@ def test_cli_several_model_dirs_one_table_with_mean(workdir, tmp_path):
     assert [r["name"] for r in summary["rows"]] == ["knn_clean", "knn_overlap"]
 
 
+@pytest.mark.parametrize("args, suffix", [(["--save-maps"], ".npy"), (["--save-maps", "tiff"], ".tiff")])
+def test_cli_save_maps_alone_means_npy_and_takes_tiff(workdir, tmp_path, args, suffix):
+    res = CliRunner().invoke(eval_cmd, [str(workdir / "knn_clean"), "-o", str(tmp_path / "r"), "--device", "cpu",
+                                        "--no-pictures", *args])
+    assert res.exit_code == 0, res.output
+    files = sorted((tmp_path / "r" / "maps").iterdir())
+    n_test = len((tmp_path / "r" / "scores.csv").read_text().splitlines()) - 1  # the moved anomalies are left out
+    assert len(files) == n_test > 0 and {f.suffix for f in files} == {suffix}
+
+
 def test_cli_errors_are_clean(workdir, tmp_path):
     other = build_tiny_store(tmp_path / "other.zarr", n_train=7, n_test=10)
     res = CliRunner().invoke(eval_cmd, [str(workdir / "knn_clean"), "--cache", str(other), "-o",

@@ -207,5 +207,15 @@ def test_full_geometry_is_recorded_checked_and_evaluated_at_the_original_size(tm
         assert r["score"] == pytest.approx(scores[im.relative_to(data).as_posix()], rel=1e-4)
         with Image.open(im) as pil:
             assert np.load(tmp_path / "pred" / r["map"]).shape == (pil.size[1], pil.size[0])
+    # the same maps as 32-bit float TIFFs, bit for bit
+    tif = predict(tmp_path / "model", images, tmp_path / "tiff", device="cpu", workers=0, heatmaps="tiff")
+    for a, b in zip(out.records, tif.records):
+        assert b["map"].endswith(".tiff")
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "tiff" / b["map"])),
+                                      np.load(tmp_path / "pred" / a["map"]))
+    evaluate(tmp_path / "model", tmp_path / "report_tiff", device="cpu", save_maps="tiff", top_k=0, pictures=False)
+    with Image.open(tmp_path / "report_tiff" / "maps" / "test-good-000.tiff") as t:
+        assert t.mode == "F"
+        np.testing.assert_array_equal(np.asarray(t), saved)
     png = predict(tmp_path / "model", images[1:], tmp_path / "png", device="cpu", workers=0, heatmaps="png")
     assert Image.open(tmp_path / "png" / png.records[0]["heatmap"]).size[1] >= 100  # drawn on the 45 x 100 original
