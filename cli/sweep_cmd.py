@@ -29,9 +29,13 @@ from .common import RichProgress, console, user_errors
                    f"Fields: {', '.join(FIELDS)} (defaults and presets: funad fit --list-settings).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the FUN-AD presets' epochs.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--map-size", type=click.Choice(["auto", "original", "input"]), default="auto", show_default=True,
+              help="original: each cell also gets its pixel metrics at the original images' size (reads the "
+                   "dataset's images and masks; the paper crop's unscored border counts as missed); input: the "
+                   "cache's frame only; auto: original when the cache came from a dataset funad reads.")
 @user_errors
 def sweep(cache_path: Path, sweep_dir: Path, ratios: str, overlap: str, methods: str, seeds: str,
-          sets: tuple[str, ...], epochs: Optional[int], device: str) -> None:
+          sets: tuple[str, ...], epochs: Optional[int], device: str, map_size: str) -> None:
     """Fit and evaluate every cell of a grid on CACHE, loading its features once.
 
     \b
@@ -46,6 +50,6 @@ def sweep(cache_path: Path, sweep_dir: Path, ratios: str, overlap: str, methods:
     with RichProgress() as progress:
         rows = sw.sweep(cache_path, sweep_dir, ratios=sw.parse_floats(ratios, "--contamination"), overlap=overlap,
                         methods=sw.parse_methods(methods), seeds=sw.parse_ints(seeds, "--seeds"), sets=grid_sets,
-                        epochs=epochs, device=device, progress=progress)
+                        epochs=epochs, device=device, map_size=map_size, progress=progress)
     console.print(f"[green]{len(rows)} cells in {sweep_dir / sw.RESULTS_CSV}[/]; table {sweep_dir / sw.RESULTS_MD}, "
                   f"plot {sweep_dir / sw.PLOT_PNG}")

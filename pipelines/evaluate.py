@@ -146,7 +146,7 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         predictions = (image_scores >= threshold).astype(np.int64)  # all 0 when the threshold is nan
         record = metrics_record(info, store, ids, labels, values, predictions, seconds, dev)
         record["sample_table"] = table_note  # the model's own split, found again if the cache grew
-        original = _at_original_size(store, ids, maps, map_size) if masks is not None else None
+        original = original_size.measure(store, ids, maps, map_size) if masks is not None else None
         record["map_size"] = "input"
         if original is not None:  # the pixel metrics at the original size replace those at the input size
             record.update(original.record({k: _json_float(v) for k, v in values.items()}))
@@ -202,23 +202,6 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
                 record["throughput"]["images_per_s"] or 0.0, report_dir)
     return EvalResult(name=model_dir.resolve().name, model_dir=model_dir, report_dir=report_dir, metrics=record,
                       files=files)
-
-
-def _at_original_size(store, ids: np.ndarray, maps: np.ndarray, map_size: str):
-    """Maps and metrics at the original images' size (``original_size.OriginalMaps``), or None at the input size."""
-    from .datasets import KINDS
-    from .geometry import Geometry
-    from funad import metrics
-
-    if map_size not in ("auto", "original", "input"):
-        raise PipelineError(f"--map-size must be auto, original or input, got {map_size!r}")
-    if map_size == "input" or (map_size == "auto" and store.attrs.get("dataset_kind") not in KINDS):
-        return None
-    original = original_size.at_original_size(store, ids, maps, Geometry.from_attrs(dict(store.attrs)))
-    filled = original.filled()
-    original.metrics = {**metrics.pixel_metrics(original.masks, filled),
-                        "aupro": metrics.aupro(original.masks, filled, fpr_limit=0.3)}
-    return original
 
 
 def visualize_name(path: str) -> str:

@@ -59,6 +59,31 @@ class OriginalMaps:
         }
 
 
+MAP_SIZES = ("auto", "original", "input")  # funad eval / sweep --map-size
+
+
+def measure(store, ids: np.ndarray, maps: np.ndarray, map_size: str = "auto") -> Optional[OriginalMaps]:
+    """Maps ``(n, H, W)`` in the store's frame and the pixel metrics at the original images' size.
+
+    ``map_size``: "original", "input" (returns None: the caller keeps its input-size metrics) or
+    "auto" (original when the store came from a dataset funad reads, so the originals can be found).
+    """
+    from funad import metrics
+
+    from .datasets import KINDS
+    from .errors import PipelineError
+
+    if map_size not in MAP_SIZES:
+        raise PipelineError(f"--map-size must be one of {list(MAP_SIZES)}, got {map_size!r}")
+    if map_size == "input" or (map_size == "auto" and store.attrs.get("dataset_kind") not in KINDS):
+        return None
+    original = at_original_size(store, ids, maps, Geometry.from_attrs(dict(store.attrs)))
+    filled = original.filled()
+    original.metrics = {**metrics.pixel_metrics(original.masks, filled),
+                        "aupro": metrics.aupro(original.masks, filled, fpr_limit=0.3)}
+    return original
+
+
 def dataset_files(store) -> tuple[Path, dict]:
     """The dataset root a store was extracted from and its samples by path; DatasetError when it is gone."""
     root = store.attrs.get("dataset_root")

@@ -58,7 +58,7 @@ import torch
 
 from funad import __version__, cache
 
-from . import modeldir, thresholds
+from . import modeldir, original_size, thresholds
 from .device import resolve_device
 from .errors import PipelineError
 from .features import FirstImages, choose_residency, feature_bytes, load_features
@@ -100,7 +100,7 @@ class _Features:
 
 
 def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
-             sweep_dir: Optional[Path] = None) -> dict:
+             sweep_dir: Optional[Path] = None, map_size: str = "input") -> dict:
     """Fit and evaluate one cell; returns its results.csv row (and writes cells/<key>.json into ``sweep_dir``)."""
     from funad.data import TensorSource
 
@@ -144,8 +144,9 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
                                         with_images=True)
     labels = np.asarray(store.labels)[test_ids].astype(np.int64)
     masks = np.stack([feats.masks[int(i)] for i in test_ids])
-    values = measure(scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=device,
-                     image_scores=image_scores).metrics
+    measured = measure(scores, labels, masks, store.grid, sigma=MAP_SIGMA, device=device, image_scores=image_scores)
+    values = measured.metrics
+    original = original_size.measure(store, test_ids, measured.maps, map_size) if labels.any() else None
     score_s = time.perf_counter() - start
     decided = thresholds.at_thresholds(record, labels, image_scores)
     if sweep_dir is not None:
@@ -164,6 +165,10 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
         "device": str(device), "selection": "final", "reused_from": "",
         "cache_fingerprint": store.fingerprint(), "funad_version": __version__,
+        "map_size": "input" if original is None else "original",
+        **({} if original is None else {"pixel_auroc_original": original.metrics["pixel_auroc"],
+                                        "aupro_original": original.metrics["aupro"],
+                                        "unscored_pixel_share": original.unscored_share}),
     }
     for name, value in config.items():
         if f"cfg_{name}" in COLUMNS:
@@ -173,7 +178,8 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
 
 def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, overlap: str = "both",
           methods: Sequence[MethodSpec] = (), seeds: Sequence[int] = (0,), sets: Optional[dict] = None,
-          epochs: Optional[int] = None, device: str = "auto", progress: Progress = NullProgress()) -> list[dict]:
+          epochs: Optional[int] = None, device: str = "auto", map_size: str = "auto",
+          progress: Progress = NullProgress()) -> list[dict]:
     """Run (or resume) the grid and write results.csv, results.md and the plot.
 
     Args:
@@ -183,6 +189,9 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
         seeds: each seeds the contamination draw and the fit.
         sets: grid over FunADConfig fields, ``{name: [values]}`` (funad methods only).
         epochs: override the presets' epochs.
+        map_size: "auto", "original" or "input", as ``funad eval --map-size``: with "original" (and
+            "auto" on a cache of a dataset funad reads) each cell also has its pixel metrics at the
+            original images' size (the input-size ones stay, for the paper's protocol).
     Returns:
         Every row of results.csv after the run (earlier rows included).
     """
@@ -191,6 +200,8 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
         raise PipelineError(f"--contamination ratios must lie in [0, 1], got {bad}")
+    if map_size not in original_size.MAP_SIZES:
+        raise PipelineError(f"--map-size must be one of {list(original_size.MAP_SIZES)}, got {map_size!r}")
     if epochs is not None and "epochs" in (sets or {}):
         raise PipelineError("give the epochs either as --epochs or as --set epochs=..., not both")
     methods = list(methods) or parse_methods("funad,knn")
@@ -220,7 +231,7 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
         modeldir.write_json(sweep_dir / SWEEP_JSON, {
             "cache": str(Path(cache_path).resolve()), "cache_fingerprint": fingerprint, "attrs": dict(store.attrs),
             "ratios": sorted(ratios), "overlap": overlap, "methods": [m.label for m in methods],
-            "seeds": list(seeds), "sets": sets or {}, "epochs": epochs, "selection": "final",
+            "seeds": list(seeds), "sets": sets or {}, "epochs": epochs, "selection": "final", "map_size": map_size,
             "funad_version": __version__,
         })
         if todo:
@@ -237,7 +248,7 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
                 if twin is not None:
                     row = {**twin, "key": cell.key, "overlap": 1, "reused_from": twin["key"]}
                 else:
-                    row = run_cell(cell, store, feats, device=dev, task=task, sweep_dir=sweep_dir)
+                    row = run_cell(cell, store, feats, device=dev, task=task, sweep_dir=sweep_dir, map_size=map_size)
                 append_row(csv_path, row)
                 done[cell.key] = row
                 task.advance(1)

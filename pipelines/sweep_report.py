@@ -16,6 +16,9 @@ from .errors import PipelineError
 from .settings import FIELDS
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max")
+# Pixel metrics at the original images' size (sweep --map-size; empty at the input size), where the paper
+# geometry's unscored border counts as missed (pipelines/original_size.py)
+ORIGINAL_METRICS = ("pixel_auroc_original", "aupro_original", "unscored_pixel_share")
 # The unlabelled thresholds (pipelines/thresholds.py): P/R/F1 at the model's own threshold (default rule)
 # and the F1 every candidate rule would have given, next to F1-max (chosen with test labels).
 THRESHOLD_RULES = ("mad", "quantile", "otsu")  # results.csv column order: keep it
@@ -29,6 +32,7 @@ COLUMNS = (
     + ("thr_rule",) + THRESHOLD_METRICS
     + ("n_train", "n_synthetic", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
        "selection", "reused_from", "cache_fingerprint", "funad_version")
+    + ORIGINAL_METRICS + ("map_size",)
     + tuple(f"cfg_{f}" for f in FIELDS)
     + ("cfg_coreset_ratio",)
 )
@@ -62,7 +66,9 @@ def append_row(path: Path, row: dict) -> None:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         if tuple(header) != COLUMNS:
-            raise PipelineError(f"{path} has other columns than this funad writes; move it away or use another -o")
+            if not set(header) <= set(COLUMNS):
+                raise PipelineError(f"{path} has other columns than this funad writes; move it away or use another -o")
+            _upgrade(path)
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -70,6 +76,21 @@ def append_row(path: Path, row: dict) -> None:
         writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
         f.flush()
 
+
+
+def _upgrade(path: Path) -> None:
+    """Rewrite a results.csv of an older funad (a subset of today's columns) with today's columns, atomically;
+    the columns it lacked stay empty in its rows."""
+    rows = read_results(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+    modeldir.atomic_write(path, write)
 
 
 def write_cell_scores(sweep_dir: Path, key: str, record: dict) -> Path:
@@ -111,7 +132,7 @@ def _group(rows: Sequence[dict]) -> dict:
         if len(digests[label]) > 1:
             label += f" [cfg {_config_digest(r)}]"
         cell = out.setdefault((label, int(r["overlap"])), {}).setdefault(float(r["ratio"]), {})
-        for m in METRICS + THRESHOLD_METRICS:
+        for m in METRICS + THRESHOLD_METRICS + ORIGINAL_METRICS:
             cell.setdefault(m, []).append(float(r[m]) if r.get(m) not in ("", None) else float("nan"))
     return out
 
@@ -155,6 +176,21 @@ def write_markdown(path: Path, rows: Sequence[dict], store_attrs: Optional[dict]
                 v = by_ratio.get(ratio)
                 cells.append("" if v is None else f"{_pct(v[metric_pair[0]])} / {_pct(v[metric_pair[1]])}")
             lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if any(r.get("pixel_auroc_original") not in ("", None) for r in rows):
+        lines += [f"## Pixel AUROC / AUPRO@0.3 (%) at the original images' size, mean ± std over seeds", "",
+                  "Maps go back through the cache's geometry to each original image and its full-size mask; pixels "
+                  "the geometry never scored (the paper crop's border) count as missed.", "",
+                  "| method | setting | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " | unscored pixels |",
+                  "|---|---|" + "---|" * (len(ratios) + 1)]
+        for (label, overlap), by_ratio in sorted(groups.items()):
+            cells = []
+            for ratio in ratios:
+                v = by_ratio.get(ratio)
+                cells.append("" if v is None else f"{_pct(v['pixel_auroc_original'])} / {_pct(v['aupro_original'])}")
+            share = _mean_std([x for v in by_ratio.values() for x in v["unscored_pixel_share"]])[0]
+            lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | " + " | ".join(cells)
+                         + f" | {'n/a' if math.isnan(share) else f'{100 * share:.1f}%'} |")
         lines.append("")
     lines += _threshold_table(groups)
     lines += [f"Each cell: mean ± sample std over seeds; {len(rows)} runs in results.csv. "

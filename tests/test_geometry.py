@@ -197,6 +197,16 @@ def test_full_geometry_is_recorded_checked_and_evaluated_at_the_original_size(tm
     assert saved.shape == (97, 52) and saved.dtype == np.float32  # the odd-sized original, not the frame
     assert np.load(tmp_path / "report" / "maps" / "test-spot-001.npy").shape == (100, 45)
 
+    # sweep measures a cell at the original size exactly as eval does (same split, same kNN)
+    from funad.pipelines.sweep import parse_methods, sweep
+
+    rows = sweep(out, tmp_path / "sweep", ratios=[0.0], overlap="no-overlap", methods=parse_methods("knn"),
+                 device="cpu")
+    assert rows[0]["map_size"] == "original"
+    assert float(rows[0]["pixel_auroc_original"]) == pytest.approx(record["pixel_auroc"], abs=1e-9)
+    assert float(rows[0]["pixel_auroc"]) == pytest.approx(record["pixel_metrics_at_input_size"]["pixel_auroc"], abs=1e-9)
+    assert "at the original images' size" in (tmp_path / "sweep" / "results.md").read_text()
+
     # predict tiles and stitches raw images as extract did: the same scores, maps and pictures on the originals
     from funad.pipelines.predict import predict
 

@@ -147,3 +147,29 @@ def test_results_md_averages_the_seeds_of_one_setting(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| knn |")]
     assert len(rows) == 3  # one row per table (AUROC, AUPRO/F1, F1 at the unlabelled thresholds), not one per seed
     assert "cfg" not in rows[0] and "±" in rows[0]
+
+
+def test_results_csv_of_an_older_funad_is_upgraded_not_refused(tmp_path):
+    """A results.csv written before the original-size columns existed gains them (empty in its rows)."""
+
+    from funad.pipelines.sweep_report import COLUMNS, ORIGINAL_METRICS, append_row, read_results
+
+    old_columns = [c for c in COLUMNS if c not in ORIGINAL_METRICS + ("map_size",)]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns)
+        w.writeheader()
+        w.writerow({"key": "old", "method": "knn", "image_auroc": "0.9"})
+    append_row(path, {"key": "new", "method": "knn", "image_auroc": 0.8, "pixel_auroc_original": 0.7,
+                      "map_size": "original"})
+    rows = read_results(path)
+    assert [r["key"] for r in rows] == ["old", "new"]
+    assert rows[0]["image_auroc"] == "0.9" and rows[0]["pixel_auroc_original"] == ""
+    assert rows[1]["pixel_auroc_original"] == "0.7"
+    with open(path) as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("key,something_else\nx,1\n")
+    with pytest.raises(PipelineError, match="other columns"):
+        append_row(foreign, {"key": "new"})
