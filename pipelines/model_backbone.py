@@ -89,7 +89,7 @@ def check_backbone(have: dict, recorded: dict, info: ModelInfo) -> None:
         )
 
 
-def features(bb, crops: torch.Tensor, store_dtype: str = "float32") -> torch.Tensor:
+def features(bb, crops: torch.Tensor, store_dtype: str = "float32", tokens: str = "patch") -> torch.Tensor:
     """Backbone features laid out, and rounded, as the model's cache stores them.
 
     Args:
@@ -97,12 +97,15 @@ def features(bb, crops: torch.Tensor, store_dtype: str = "float32") -> torch.Ten
             input is embedded tile by tile and stitched (``bb.geometry``, set by :func:`backbone_for_model`).
         store_dtype: the cache's token dtype; tokens are rounded through it, as
             ``funad extract`` does before writing, so predict sees what fit saw.
+        tokens: "patch", or "class" for a model fitted on the class tokens alone.
     Returns:
         (n, P, 2C) float32 on the backbone's device: the class token repeated
-        for every patch, then the patch token.
+        for every patch, then the patch token; with ``tokens="class"``, (n, 1, C): the class token.
     """
     geometry = getattr(bb, "geometry", None)
     cls, patches = bb(bb.normalize(crops)) if geometry is None else embed(bb, crops, geometry)
     if store_dtype == "float16":
         cls, patches = cls.half().float(), patches.half().float()
+    if tokens == "class":
+        return cls[:, None, :].float()
     return torch.cat([cls[:, None, :].expand(-1, patches.shape[1], -1), patches], dim=2)

@@ -171,6 +171,11 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
         raise DatasetError(f"no image to score ({listing}); pass image files or folders that contain images")
 
     model, info = load_model_dir(model_dir)
+    tokens = str(info.raw.get("tokens", "patch"))
+    if tokens == "class" and heatmaps != "none":
+        logger.warning("model %s was fitted on class tokens alone (funad fit --tokens class): it gives one score "
+                       "per image and no anomaly map, so no --heatmaps %s files are written", info.path, heatmaps)
+        heatmaps = "none"
     decision = decision_for(info, threshold)
     if heatmaps == "png" and decision["record"] is None:
         raise ModelDirError(f"{info.path / 'config.json'} records no threshold (fitted by an older funad), and PNG "
@@ -194,7 +199,7 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
     start = time.perf_counter()
     with Outputs(out_dir, heatmaps, info, decision) as outputs:
         _score_files(model, bb, images, records, transform, str(info.cache.get("dtype", "float32")), strict,
-                     loader_options, outputs, progress)
+                     loader_options, outputs, progress, tokens)
     seconds = time.perf_counter() - start
 
     n_scored = sum(r["score"] is not None for r in records)
@@ -222,7 +227,8 @@ def predict(model_dir: Path, inputs: Sequence[Path], out_dir: Path, *, threshold
 
 
 def _score_files(model, bb, images: list[InputImage], records: list[dict], transform, store_dtype: str,
-                 strict: bool, loader_options: dict, outputs: "Outputs", progress: Progress) -> None:
+                 strict: bool, loader_options: dict, outputs: "Outputs", progress: Progress,
+                 tokens: str = "patch") -> None:
     """Decode, pre-process, embed and score every image, batch by batch; hand each batch to ``outputs``.
 
     Fills ``records[i]`` for each readable image ``i`` and ``records[i]["error"]``
@@ -239,7 +245,7 @@ def _score_files(model, bb, images: list[InputImage], records: list[dict], trans
         ok = torch.tensor([not e for e in errors])
         if ok.any():
             ids = idx[ok].numpy()
-            patch_scores, image_scores = model_scores(model, features(bb, crops[ok], store_dtype))
+            patch_scores, image_scores = model_scores(model, features(bb, crops[ok], store_dtype, tokens))
             batch = [records[i] for i in ids]
             outputs.decide(batch, image_scores)
             outputs.submit([images[i] for i in ids], batch, crops[ok].permute(0, 2, 3, 1).numpy(), patch_scores)

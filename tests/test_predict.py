@@ -202,6 +202,24 @@ def test_corrupt_and_missing_images_are_recorded_unless_strict(setup, tmp_path):
         predict(setup["model"], [setup["root"] / "new", missing], tmp_path / "strict2", device="cpu", strict=True)
 
 
+def test_class_token_model_scores_each_image_by_its_class_token(setup, tmp_path, caplog):
+    """A --tokens class model: predict scores the class token (as fit saw it) and writes no map."""
+    root = setup["root"]
+    fit(root / "train.zarr", tmp_path / "cls", FitSpec(method="knn", tokens="class", coreset_ratio=1.0), device="cpu")
+    train = sorted((root / "train").glob("*.png"))
+    with caplog.at_level("WARNING"):
+        out = predict(tmp_path / "cls", train, tmp_path / "o", device="cpu", batch_size=4, workers=0)
+    assert "class tokens alone" in caplog.text
+    model, _ = modeldir.load_model_dir(tmp_path / "cls")
+    with cache.open(root / "train.zarr") as store:
+        by_path = {s["path"]: i for i, s in enumerate(store.samples)}
+        ids = np.array([by_path[p.name] for p in train])
+        want = model.score_images(store.read_class_tokens(ids).astype(np.float32)[:, None, :])
+    np.testing.assert_allclose([r["score"] for r in out.records], want, rtol=1e-4, atol=1e-5)
+    assert all(r.get("heatmap") is None and r.get("map") is None for r in out.records)
+    assert not (tmp_path / "o" / "heatmaps").exists()
+
+
 def test_empty_folder_is_an_error(setup, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
