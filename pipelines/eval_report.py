@@ -31,10 +31,13 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("precision_at_threshold", "P@thr"),
     ("recall_at_threshold", "R@thr"),
     ("f1_at_threshold", "F1@thr"),
+    ("pixel_f1_max", "P-F1max"),
+    ("pixel_f1_at_threshold", "P-F1@thr"),
 )
 TABLE_CAPTION = (
-    "percent; I = image, P = pixel level; AUPRO up to FPR 0.3; I-F1max uses a threshold chosen with the TEST "
-    "labels; P/R/F1@thr use the model's own threshold, chosen without labels at the end of the fit"
+    "percent; I = image, P = pixel level; AUPRO up to FPR 0.3; I-F1max and P-F1max use thresholds chosen with "
+    "the TEST labels; P/R/F1@thr and P-F1@thr use the model's own image and pixel thresholds, chosen without "
+    "labels at the end of the fit"
 )
 
 ORACLE_WARNING = (

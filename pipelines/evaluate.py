@@ -155,10 +155,15 @@ def evaluate(model_dir: Path, report_dir: Path, *, cache_path: Optional[Path] = 
         if tokens == "class":
             record["pixel_metrics_absent"] = NO_PIXEL_METRICS
         own = thresholds.recorded(info)
-        decided = thresholds.at_thresholds(own, labels, image_scores)
-        at = decided["model_threshold"] or {}
+        decided = thresholds.at_thresholds(own, labels, image_scores,
+                                           *((original.masks, original.maps) if original is not None else
+                                             (masks, maps) if masks is not None else (None, None)))
+        at, pixel_at = decided["model_threshold"] or {}, decided.get("pixel_threshold") or {}
         record.update({"precision_at_threshold": at.get("precision"), "recall_at_threshold": at.get("recall"),
                        "f1_at_threshold": at.get("f1"), "model_threshold": decided,
+                       "pixel_precision_at_threshold": pixel_at.get("precision"),
+                       "pixel_recall_at_threshold": pixel_at.get("recall"),
+                       "pixel_f1_at_threshold": pixel_at.get("f1"),
                        "f1_max_note": thresholds.F1_MAX_LABEL})
         if own is None:
             logger.warning("%s records no unlabelled threshold (fitted by an older funad): P/R/F1 at the model's "

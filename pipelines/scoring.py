@@ -51,6 +51,8 @@ def compute_metrics(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndar
         "pixel_ap": pixel["pixel_ap"],
         "image_f1_max": image["image_f1_max"],
         "image_f1_threshold": image["image_f1_threshold"],
+        "pixel_f1_max": pixel["pixel_f1_max"],
+        "pixel_f1_threshold": pixel["pixel_f1_threshold"],
     }
 
 
@@ -85,7 +87,7 @@ def measure_images(image_scores: np.ndarray, labels: np.ndarray) -> Measured:
     nan = float("nan")
     values = {"image_auroc": image["image_auroc"], "pixel_auroc": nan, "aupro": nan, "image_ap": image["image_ap"],
               "pixel_ap": nan, "image_f1_max": image["image_f1_max"],
-              "image_f1_threshold": image["image_f1_threshold"]}
+              "image_f1_threshold": image["image_f1_threshold"], "pixel_f1_max": nan, "pixel_f1_threshold": nan}
     return Measured(image_scores[:, None], image_scores, np.empty((len(image_scores), 0, 0), np.float32), values)
 
 

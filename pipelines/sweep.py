@@ -148,7 +148,9 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
     values = measured.metrics
     original = original_size.measure(store, test_ids, measured.maps, map_size) if labels.any() else None
     score_s = time.perf_counter() - start
-    decided = thresholds.at_thresholds(record, labels, image_scores)
+    pixels = ((original.masks, original.maps) if original is not None else (masks, measured.maps)) if labels.any() \
+        else (None, None)
+    decided = thresholds.at_thresholds(record, labels, image_scores, *pixels)
     if sweep_dir is not None:
         write_cell_scores(sweep_dir, cell.key, {"threshold": record, "test_ids": test_ids, "test_labels": labels,
                                                 "test_image_scores": image_scores, "at_thresholds": decided})
@@ -160,6 +162,8 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
         "thr_rule": record["rule"], "precision_at_thr": decided["model_threshold"]["precision"],
         "recall_at_thr": decided["model_threshold"]["recall"], "f1_at_thr": decided["model_threshold"]["f1"],
         **{f"f1_thr_{name}": r["f1"] for name, r in decided["candidates"].items()},
+        "pixel_f1_max": (original.metrics if original is not None else values).get("pixel_f1_max"),
+        "pixel_f1_at_thr": (decided.get("pixel_threshold") or {}).get("f1"),
         "n_train": len(train_ids), "n_synthetic": len(syn_ids), "n_test": len(test_ids), "n_moved": split["n_moved"],
         "moved_ids": split["moved_ids"], "fit_s": fit_s, "score_s": score_s, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,

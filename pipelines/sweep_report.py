@@ -19,6 +19,9 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image
 # Pixel metrics at the original images' size (sweep --map-size; empty at the input size), where the paper
 # geometry's unscored border counts as missed (pipelines/original_size.py)
 ORIGINAL_METRICS = ("pixel_auroc_original", "aupro_original", "unscored_pixel_share")
+# pixel F1 at the model's own pixel threshold (chosen without labels) and pixel F1-max (masks), at the
+# original size when the cell has it
+PIXEL_DECISION_METRICS = ("pixel_f1_at_thr", "pixel_f1_max")
 # The unlabelled thresholds (pipelines/thresholds.py): P/R/F1 at the model's own threshold (default rule)
 # and the F1 every candidate rule would have given, next to F1-max (chosen with test labels).
 THRESHOLD_RULES = ("mad", "quantile", "otsu")  # results.csv column order: keep it
@@ -32,7 +35,7 @@ COLUMNS = (
     + ("thr_rule",) + THRESHOLD_METRICS
     + ("n_train", "n_synthetic", "n_test", "n_moved", "moved_ids", "fit_s", "score_s", "peak_rss_mb", "peak_cuda_mb", "device",
        "selection", "reused_from", "cache_fingerprint", "funad_version")
-    + ORIGINAL_METRICS + ("map_size",)
+    + ORIGINAL_METRICS + ("map_size",) + PIXEL_DECISION_METRICS
     + tuple(f"cfg_{f}" for f in FIELDS)
     + ("cfg_coreset_ratio",)
 )
@@ -132,7 +135,7 @@ def _group(rows: Sequence[dict]) -> dict:
         if len(digests[label]) > 1:
             label += f" [cfg {_config_digest(r)}]"
         cell = out.setdefault((label, int(r["overlap"])), {}).setdefault(float(r["ratio"]), {})
-        for m in METRICS + THRESHOLD_METRICS + ORIGINAL_METRICS:
+        for m in METRICS + THRESHOLD_METRICS + ORIGINAL_METRICS + PIXEL_DECISION_METRICS:
             cell.setdefault(m, []).append(float(r[m]) if r.get(m) not in ("", None) else float("nan"))
     return out
 
@@ -204,8 +207,9 @@ def _threshold_table(groups: dict) -> list[str]:
     lines = ["## Deciding without labels: image F1 (%) at each unlabelled threshold, mean ± std over seeds", "",
              "F1-max uses the threshold that maximises F1 on the TEST labels; the rules choose theirs from the "
              "unlabelled training scores. In brackets: mean F1 at the rule / mean F1-max.", "",
-             "| method | setting | ratio | F1-max (test labels) | " + " | ".join(THRESHOLD_RULES) + " |",
-             "|---|---|---|---|" + "---|" * len(THRESHOLD_RULES)]
+             "| method | setting | ratio | F1-max (test labels) | " + " | ".join(THRESHOLD_RULES)
+             + " | pixel F1 at the model's pixel threshold / pixel F1-max |",
+             "|---|---|---|---|" + "---|" * len(THRESHOLD_RULES) + "---|"]
     for (label, overlap), by_ratio in sorted(groups.items()):
         for ratio, v in sorted(by_ratio.items()):
             best = _mean_std(v["image_f1_max"])[0]
@@ -214,8 +218,9 @@ def _threshold_table(groups: dict) -> list[str]:
                 mean = _mean_std(v[f"f1_thr_{rule}"])[0]
                 share = mean / best if best and not math.isnan(mean) else float("nan")
                 cells.append(f"{_pct(v[f'f1_thr_{rule}'])} ({share:.2f})")
+            pixel = f"{_pct(v['pixel_f1_at_thr'])} / {_pct(v['pixel_f1_max'])}"
             lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | {100 * ratio:g}% | "
-                         f"{_pct(v['image_f1_max'])} | " + " | ".join(cells) + " |")
+                         f"{_pct(v['image_f1_max'])} | " + " | ".join(cells) + f" | {pixel} |")
     return lines + [""]
 
 

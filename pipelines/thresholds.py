@@ -158,11 +158,22 @@ def normalised(record: dict, scores, threshold: Optional[float] = None, key: str
     return rules.normalise(scores, t, lo, hi, record["params"]["scale"])
 
 
-def at_thresholds(record: Optional[dict], labels: np.ndarray, image_scores: np.ndarray) -> dict:
-    """What eval and sweep report: P/R/F1 at the model's threshold and at every candidate rule's."""
+def at_thresholds(record: Optional[dict], labels: np.ndarray, image_scores: np.ndarray,
+                  masks=None, maps=None) -> dict:
+    """What eval and sweep report: P/R/F1 at the model's threshold and at every candidate rule's.
+
+    With ``masks`` and ``maps`` (arrays (n, H, W) or lists of 2-D arrays, NaN = never scored, which is
+    never flagged) also ``pixel_threshold``: pixel P/R/F1 of "map value >= the model's pixel threshold"
+    against the masks.
+    """
     if not record:
         return {"model_threshold": None, "candidates": {}}
+    pixel = {}
+    if masks is not None and maps is not None and record.get("pixel") is not None:
+        flat = (lambda x: np.concatenate([np.asarray(a).ravel() for a in x])) if isinstance(maps, list) else np.ravel
+        pixel = {"pixel_threshold": rules.at_threshold(flat(masks) > 0, flat(maps), record["pixel"])}
     return {
+        **pixel,
         "model_threshold": {"rule": record["rule"], **rules.at_threshold(labels, image_scores, record["image"])},
         "candidates": {name: rules.at_threshold(labels, image_scores, t)
                        for name, t in record["candidates"]["image"].items()},

@@ -102,6 +102,19 @@ def test_eval_reports_the_models_own_threshold_next_to_f1_max(workdir, tmp_path)
     assert set(doc["model_threshold"]["candidates"]) == {"quantile", "otsu", "mad"}
     assert [int(r["prediction_at_model_threshold"]) for r in rows] == pred.astype(int).tolist()
 
+    # pixels: "map >= the model's pixel threshold" against the masks, next to pixel F1-max (test labels)
+    model, info = modeldir.load_model_dir(workdir / "knn_clean")
+    with cache.open(info.cache["path"]) as store:
+        ids = info.test_ids
+        maps = anomaly_map.patch_scores_to_maps(model.score_patches(store.read_features(ids)), store.grid,
+                                                store.mask_size, sigma=4.0)
+        truth = store.read_masks(ids).ravel() > 0
+    flagged = maps.ravel() >= own["pixel"]
+    tp, fp = int((flagged & truth).sum()), int((flagged & ~truth).sum())
+    assert doc["pixel_precision_at_threshold"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+    assert doc["pixel_recall_at_threshold"] == pytest.approx(tp / truth.sum())
+    assert doc["pixel_f1_at_threshold"] <= doc["pixel_f1_max"] + 1e-9
+
 
 def test_no_overlap_drops_moved_images_and_overlap_keeps_them(workdir, tmp_path):
     clean = ev.evaluate(workdir / "knn_clean", tmp_path / "a", device="cpu", pictures=False).metrics

@@ -206,6 +206,8 @@ def test_full_geometry_is_recorded_checked_and_evaluated_at_the_original_size(tm
     assert float(rows[0]["pixel_auroc_original"]) == pytest.approx(record["pixel_auroc"], abs=1e-9)
     assert float(rows[0]["pixel_auroc"]) == pytest.approx(record["pixel_metrics_at_input_size"]["pixel_auroc"], abs=1e-9)
     assert "at the original images' size" in (tmp_path / "sweep" / "results.md").read_text()
+    assert float(rows[0]["pixel_f1_at_thr"]) == pytest.approx(record["pixel_f1_at_threshold"], abs=1e-9)
+    assert float(rows[0]["pixel_f1_max"]) == pytest.approx(record["pixel_f1_max"], abs=1e-9)
 
     # predict tiles and stitches raw images as extract did: the same scores, maps and pictures on the originals
     from funad.pipelines.predict import predict

@@ -101,12 +101,19 @@ def test_pixel_metrics_match_sklearn():
     y, s = (masks > 0).ravel(), maps.ravel()
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert m["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    # F1-max: the best F1 of "anomalous if map >= t" over every t, reached at the threshold it names
+    from sklearn.metrics import f1_score
+
+    best = max(f1_score(y, s >= t) for t in np.unique(s))
+    assert m["pixel_f1_max"] == pytest.approx(best, abs=1e-9)
+    assert f1_score(y, s >= m["pixel_f1_threshold"]) == pytest.approx(best, abs=1e-9)
 
 
 def test_pixel_metrics_perfect_and_equal_maps():
     masks = np.zeros((2, 4, 4), dtype=np.uint8)
     masks[0, 1:3, 1:3] = 1
-    assert pixel_metrics(masks, masks.astype(np.float32)) == {"pixel_auroc": 1.0, "pixel_ap": 1.0}
+    assert pixel_metrics(masks, masks.astype(np.float32)) == {"pixel_auroc": 1.0, "pixel_ap": 1.0,
+                                                              "pixel_f1_max": 1.0, "pixel_f1_threshold": 1.0}
     flat = pixel_metrics(masks, np.zeros(masks.shape, np.float32))
     assert flat["pixel_auroc"] == pytest.approx(0.5)
     assert flat["pixel_ap"] == pytest.approx(4 / 32)

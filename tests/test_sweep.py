@@ -152,9 +152,9 @@ def test_results_md_averages_the_seeds_of_one_setting(tmp_path):
 def test_results_csv_of_an_older_funad_is_upgraded_not_refused(tmp_path):
     """A results.csv written before the original-size columns existed gains them (empty in its rows)."""
 
-    from funad.pipelines.sweep_report import COLUMNS, ORIGINAL_METRICS, append_row, read_results
+    from funad.pipelines.sweep_report import COLUMNS, ORIGINAL_METRICS, PIXEL_DECISION_METRICS, append_row, read_results
 
-    old_columns = [c for c in COLUMNS if c not in ORIGINAL_METRICS + ("map_size",)]
+    old_columns = [c for c in COLUMNS if c not in ORIGINAL_METRICS + ("map_size",) + PIXEL_DECISION_METRICS]
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_columns)
