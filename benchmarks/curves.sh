@@ -16,6 +16,6 @@ for job in ${JOBS:-bottle:0 bottle:1 bottle:2 ksdd:0 ksdd:1 ksdd:2}; do
   [ -f "$out/model.safetensors" ] && continue
   if [ "$data" = bottle ]; then cache=${BOTTLE:?set BOTTLE}; extra="--contamination 0.1 --no-overlap"
   else cache=${KSDD:?set KSDD}; extra=""; fi
-  $BIN/funad fit "$cache" -o "$out" $extra --seed "$s" --eval-every 5 ${EMA:+--set ema=$EMA} --epochs "${EPOCHS:-60}" \
+  $BIN/funad fit "$cache" -o "$out" $extra --seed "$s" --eval-every "${EVERY:-5}" ${EMA:+--set ema=$EMA} --epochs "${EPOCHS:-60}" \
       $([ -f "$out/config.json" ] && echo --resume) > "$out.log" 2>&1
 done
