@@ -15,8 +15,8 @@ def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def results_table(results: Sequence, mean: Optional[dict]) -> Table:
-    """Per-model rows (percent, like the paper's tables) and, for several models, the mean row."""
+def results_table(results: Sequence, mean: Optional[dict], std: Optional[dict] = None) -> Table:
+    """Per-model rows (percent, like the paper's tables) and, for several models, the mean and std rows."""
     from funad.pipelines.evaluate import TABLE_CAPTION, TABLE_COLUMNS
 
     table = Table(title="funad eval", title_justify="left", caption=TABLE_CAPTION, caption_justify="left")
@@ -33,6 +33,8 @@ def results_table(results: Sequence, mean: Optional[dict]) -> Table:
     if mean is not None:
         table.add_section()
         table.add_row("[bold]mean[/]", *[f"[bold]{_fmt(mean.get(k))}[/]" for k, _ in TABLE_COLUMNS], "", "")
+    if std is not None:
+        table.add_row("std", *[_fmt(std.get(k)) for k, _ in TABLE_COLUMNS], "", "")
     return table
 
 
@@ -71,17 +73,17 @@ def evaluate(model_dirs: tuple[Path, ...], cache_path: Optional[Path], report_di
 
     Several MODEL_DIRs (e.g. one per category) give one table with the mean row.
     """
-    from funad.pipelines.evaluate import evaluate_many, mean_row, write_summary
+    from funad.pipelines.evaluate import evaluate_many, mean_row, std_row, write_summary
 
     with RichProgress() as progress:
         results = evaluate_many(model_dirs, report_dir, cache_path=cache_path, top_k=top_k, device=device,
                                 pictures=not no_pictures, batch_size=batch_size, map_size=map_size,
                                 save_maps=save_maps or False, progress=progress)
-    mean = None
+    mean = std = None
     if len(results) > 1:
-        mean = mean_row(results)
+        mean, std = mean_row(results), std_row(results)
         write_summary(report_dir / "summary.json", results)
-    stdout_console.print(results_table(results, mean))
+    stdout_console.print(results_table(results, mean, std))
     speeds = ", ".join(f"{r.name} {r.metrics['throughput']['images_per_s']:.0f}" for r in results
                        if r.metrics["throughput"]["images_per_s"] is not None)
     console.print(f"eval throughput (images/s, cache -> scores, maps and metrics): {speeds}")

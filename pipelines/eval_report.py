@@ -158,12 +158,25 @@ def mean_row(results: Sequence[EvalResult]) -> dict:
     return row
 
 
+def std_row(results: Sequence[EvalResult]) -> dict:
+    """The sample standard deviation (ddof=1) over results of every table metric; None with fewer than 2 values.
+    With one model directory per seed, mean ± std is the figure to quote, not one seed's."""
+    row = {}
+    for key, _ in TABLE_COLUMNS:
+        vals = [r.metrics.get(key) for r in results]
+        vals = [v for v in vals if v is not None]
+        row[key] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return row
+
+
 def write_summary(path: Path, results: Sequence[EvalResult]) -> None:
     """summary.json: per-model table metrics and their mean (written for several model dirs)."""
     summary = {
         "rows": [{"name": r.name, "selection": r.metrics.get("selection"),
                   **{k: r.metrics.get(k) for k, _ in TABLE_COLUMNS}} for r in results],
         "mean": mean_row(results),
+        "std": std_row(results),
+        "std_note": "sample standard deviation (ddof=1) over the model directories",
     }
     if any(r.oracle for r in results):
         summary["warning"] = ORACLE_WARNING

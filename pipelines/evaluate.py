@@ -28,7 +28,7 @@ from . import thresholds
 from .device import resolve_device
 from .errors import ModelDirError, PipelineError
 from .eval_report import (ORACLE_WARNING, TABLE_CAPTION, TABLE_COLUMNS, EvalResult, mean_row, metrics_record,
-                          write_pictures, write_scores_csv, write_summary)
+                          std_row, write_pictures, write_scores_csv, write_summary)
 from .modeldir import ModelInfo, load_model_dir
 from . import original_size
 from .eval_report import _json_float
@@ -36,7 +36,7 @@ from .progress import NullProgress, Progress
 from .sample_table import model_test_ids
 from .scoring import MAP_SIGMA, NO_PIXEL_METRICS, measure, measure_images, score_cached
 
-__all__ = ["evaluate", "evaluate_many", "EvalResult", "mean_row", "write_summary", "TABLE_COLUMNS", "TABLE_CAPTION",
+__all__ = ["evaluate", "evaluate_many", "EvalResult", "mean_row", "std_row", "write_summary", "TABLE_COLUMNS", "TABLE_CAPTION",
            "ORACLE_WARNING", "MAP_SIGMA", "place_model", "check_report_dir"]
 
 logger = logging.getLogger(__name__)

@@ -199,6 +199,8 @@ def test_cli_several_model_dirs_one_table_with_mean(workdir, tmp_path):
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     for key in METRIC_KEYS:
         assert summary["mean"][key] == pytest.approx(np.mean([p[key] for p in per]))
+        assert summary["std"][key] == pytest.approx(np.std([p[key] for p in per], ddof=1))
+    assert "std" in res.output
     assert [r["name"] for r in summary["rows"]] == ["knn_clean", "knn_overlap"]
 
 
