@@ -9,7 +9,8 @@ from typing import Any, Optional
 import click
 from rich.table import Table
 
-from funad.pipelines.settings import DEFAULT_PRESET, FIELDS, PRESETS, ConfigError, parse_setting, settings_table
+from funad.pipelines.settings import (DEFAULT_PIXEL_QUANTILE, DEFAULT_PRESET, FIELDS, PRESETS, ConfigError,
+                                     parse_setting, settings_table)
 
 from .common import LazyChoice, RichProgress, console, stdout_console, user_errors
 
@@ -41,7 +42,7 @@ def parse_sets(values: tuple[str, ...], method: str = "funad") -> tuple[tuple[st
 
 # Options that define the fit; on --resume those not given take the recorded value.
 _SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select",
-                 "threshold_rule", "expected_contamination", "synthetic", "tokens")
+                 "threshold_rule", "expected_contamination", "pixel_quantile", "synthetic", "tokens")
 
 
 def _show(value: Any) -> str:
@@ -118,6 +119,11 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
               show_default=True, metavar="SHARE",
               help="Share of the training images expected to be anomalous (--threshold-rule quantile flags it). "
                    "A rough guess: 0.1 was used for true shares of 9% (bottle) and 13% (KolektorSDD).")
+@click.option("--pixel-quantile", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, metavar="Q",
+              help="The pixel threshold (heatmap outlines, pixel decisions): this quantile of the anomaly-map "
+                   "maxima of the training images the image threshold calls normal [default: "
+                   f"{'their maximum' if DEFAULT_PIXEL_QUANTILE is None else DEFAULT_PIXEL_QUANTILE}]. 1 = their "
+                   "maximum: no training image called normal shows a pixel above it.")
 @click.option("--synthetic/--no-synthetic", default=None,
               help="Train on the cache's FUN-AD* synthetic anomalies (funad extract --synthetic), unlabelled and "
                    "pseudo-labelled like the rest [default: yes when the cache holds them]; --synthetic on a cache "
@@ -136,7 +142,8 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @user_errors
 def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple[str, ...], epochs: Optional[int],
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
-        select: str, threshold_rule: str, expected_contamination: float, synthetic: Optional[bool], tokens: str,
+        select: str, threshold_rule: str, expected_contamination: float, pixel_quantile: Optional[float],
+        synthetic: Optional[bool], tokens: str,
         resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
@@ -152,6 +159,7 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     options = {"method": method, "preset": preset, "epochs": epochs, "seed": seed,
                "contamination": contamination, "overlap": overlap, "coreset_ratio": coreset_ratio, "select": select,
                "threshold_rule": threshold_rule, "expected_contamination": expected_contamination,
+               "pixel_quantile": DEFAULT_PIXEL_QUANTILE if pixel_quantile is None else pixel_quantile,
                "synthetic": synthetic, "tokens": tokens}
     recorded = _recorded_options(model_dir) if resume else None
     if recorded:
@@ -169,7 +177,7 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
                    seed=options["seed"], contamination=options["contamination"], overlap=options["overlap"],
                    coreset_ratio=options["coreset_ratio"], select=options["select"],
                    threshold_rule=options["threshold_rule"], expected_contamination=options["expected_contamination"],
-                   synthetic=options["synthetic"], tokens=options["tokens"])
+                   pixel_quantile=options["pixel_quantile"], synthetic=options["synthetic"], tokens=options["tokens"])
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
                          overwrite=overwrite, keep_checkpoint=keep_checkpoint, eval_every=eval_every,

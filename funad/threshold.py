@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
+
 import numpy as np
 
 from .errors import ConfigError, DataError
@@ -47,6 +49,9 @@ SCALES = ("identity", "logit")
 DEFAULT_RULE = "quantile"
 DEFAULT_EXPECTED_CONTAMINATION = 0.1
 DEFAULT_MAD_K = 3.0
+# The pixel threshold: this quantile of the map maxima of the training images the image threshold calls
+# normal (None: their maximum, so no such image shows a pixel above it).
+DEFAULT_PIXEL_QUANTILE = None
 # MAD and mean absolute deviation -> the standard deviation of a normal distribution.
 _MAD_TO_STD = 1.4826
 _MEAN_AD_TO_STD = 1.2533
@@ -80,6 +85,7 @@ class ThresholdRule:
     expected_contamination: float = DEFAULT_EXPECTED_CONTAMINATION
     mad_k: float = DEFAULT_MAD_K
     scale: str = "identity"
+    pixel_quantile: Optional[float] = DEFAULT_PIXEL_QUANTILE
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -92,6 +98,9 @@ class ThresholdRule:
                               f"got {c!r}")
         if not (isinstance(self.mad_k, (int, float)) and math.isfinite(self.mad_k) and self.mad_k > 0):
             raise ConfigError(f"mad_k must be a positive number of robust standard deviations, got {self.mad_k!r}")
+        q = self.pixel_quantile
+        if q is not None and not (isinstance(q, (int, float)) and math.isfinite(q) and 0.0 < q <= 1.0):
+            raise ConfigError(f"pixel quantile must lie in (0, 1] (1 = the maximum), got {q!r}")
 
     def params(self) -> dict:
         return asdict(self)
@@ -99,6 +108,13 @@ class ThresholdRule:
     def threshold(self, scores: np.ndarray) -> float:
         """This rule's threshold on ``scores`` (the training images' scores)."""
         return choose_threshold(scores, self)
+
+
+def pixel_threshold(normal_maxima, quantile: Optional[float] = DEFAULT_PIXEL_QUANTILE) -> float:
+    """The pixel threshold from the map maxima of the training images called normal: their ``quantile``
+    (None or 1: their maximum)."""
+    m = _checked(normal_maxima)
+    return float(m.max() if quantile is None or quantile >= 1.0 else np.quantile(m, quantile))
 
 
 def _checked(scores) -> np.ndarray:

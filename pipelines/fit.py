@@ -64,6 +64,7 @@ class FitSpec:
     tokens: str = "patch"  # "patch", or "class": the image-level variant on the class tokens alone (P = 1)
     threshold_rule: str = thresholds.DEFAULT_RULE
     expected_contamination: float = thresholds.DEFAULT_EXPECTED_CONTAMINATION
+    pixel_quantile: Optional[float] = thresholds.DEFAULT_PIXEL_QUANTILE
 
     def __post_init__(self) -> None:
         self.rule()  # raises ConfigError naming a bad --threshold-rule or --expected-contamination
@@ -89,7 +90,8 @@ class FitSpec:
 
     def rule(self):
         """The unlabelled threshold rule (:mod:`funad.pipelines.thresholds`)."""
-        return thresholds.rule_for(self.method, self.threshold_rule, self.expected_contamination)
+        return thresholds.rule_for(self.method, self.threshold_rule, self.expected_contamination,
+                                   pixel_quantile=self.pixel_quantile)
 
     def model_config(self) -> dict:
         """The estimator's full config dict, as stored in config.json["config"]."""

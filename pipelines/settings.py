@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from funad.config import DEFAULT_PRESET, PRESETS, FunADConfig, preset as _preset
 from funad.errors import ConfigError
+from funad.threshold import DEFAULT_PIXEL_QUANTILE  # noqa: F401  (for the CLI's help, without importing torch)
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "FIELDS", "ConfigError", "model_config", "parse_setting",
            "describe_fields", "settings_table"]

@@ -54,6 +54,7 @@ THRESHOLD_KEY = "threshold"
 RULES = rules.RULES
 DEFAULT_RULE = rules.DEFAULT_RULE
 DEFAULT_EXPECTED_CONTAMINATION = rules.DEFAULT_EXPECTED_CONTAMINATION
+DEFAULT_PIXEL_QUANTILE = rules.DEFAULT_PIXEL_QUANTILE
 F1_MAX_LABEL = "F1-max (threshold chosen with test labels)"
 HOW = {
     "funad": "Local-Net scores of the training images; rules on the logit of the scores",
@@ -63,9 +64,11 @@ HOW = {
 
 def rule_for(method: str, name: str = DEFAULT_RULE,
              expected_contamination: float = DEFAULT_EXPECTED_CONTAMINATION,
-             mad_k: float = rules.DEFAULT_MAD_K) -> rules.ThresholdRule:
+             mad_k: float = rules.DEFAULT_MAD_K,
+             pixel_quantile: Optional[float] = DEFAULT_PIXEL_QUANTILE) -> rules.ThresholdRule:
     """The rule with the score scale of ``method`` (logit for FUN-AD's (0, 1) scores, identity otherwise)."""
-    return rules.ThresholdRule(name, expected_contamination, mad_k, "logit" if method == "funad" else "identity")
+    return rules.ThresholdRule(name, expected_contamination, mad_k, "logit" if method == "funad" else "identity",
+                               pixel_quantile)
 
 
 def training_scores(model, source, device: torch.device,
@@ -102,14 +105,18 @@ def choose(patch_scores: np.ndarray, image_scores: np.ndarray, grid, mask_size, 
     pixels = {}
     for name, t in images.items():
         normal = maxima[np.asarray(image_scores) < t]
-        pixels[name] = float(normal.max()) if normal.size else rules.choose_threshold(
-            maxima, rules.ThresholdRule(name, rule.expected_contamination, rule.mad_k, rule.scale))
+        pixels[name] = rules.pixel_threshold(normal, rule.pixel_quantile) if normal.size else \
+            rules.choose_threshold(maxima, rules.ThresholdRule(name, rule.expected_contamination, rule.mad_k,
+                                                               rule.scale))
     record = {
         "rule": rule.name,
         "params": rule.params(),
         "image": images[rule.name],
         "pixel": pixels[rule.name],
-        "pixel_rule": "the highest anomaly-map value on the training images the image threshold calls normal",
+        "pixel_rule": ("the highest anomaly-map value on the training images the image threshold calls normal"
+                       if rule.pixel_quantile is None or rule.pixel_quantile >= 1.0 else
+                       f"the {rule.pixel_quantile:g}-quantile of the anomaly-map maxima of the training images the "
+                       "image threshold calls normal"),
         "candidates": {"image": images, "pixel": pixels},
         "training_scores": {"image": rules.score_summary(image_scores), "pixel_max": rules.score_summary(maxima),
                             "image_scores": [float(s) for s in image_scores]},

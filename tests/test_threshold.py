@@ -149,3 +149,28 @@ def test_pixel_threshold_is_the_highest_map_value_on_images_called_normal():
     assert images[:4].min() >= record["image"] > images[4:].max()  # Otsu splits off the four
     assert record["pixel"] == pytest.approx(float(maxima[4:].max()))
     assert set(record["candidates"]["pixel"]) == set(T.RULES)
+    # --pixel-quantile: that quantile of the normal-called images' map maxima instead of their maximum
+    half = thresholds.choose(patches, images, (2, 2), (8, 8), thresholds.rule_for("knn", "otsu", pixel_quantile=0.5),
+                             "knn")
+    assert half["image"] == record["image"]
+    assert half["pixel"] == pytest.approx(float(np.quantile(maxima[4:], 0.5)))
+    assert half["params"]["pixel_quantile"] == 0.5 and "0.5-quantile" in half["pixel_rule"]
+    assert T.pixel_threshold(maxima[4:], 1.0) == pytest.approx(record["pixel"])
+
+
+@pytest.mark.parametrize("q", [0.0, 1.5, float("nan")])
+def test_pixel_quantile_outside_0_1_is_refused(q):
+    with pytest.raises(ConfigError, match="pixel quantile"):
+        T.ThresholdRule(pixel_quantile=q)
+
+
+def test_fit_takes_the_pixel_quantile(tmp_path):
+    store = make_store(tmp_path / "s.zarr", labelled=True)
+    res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(tmp_path / "m"), "--method", "knn", "--device", "cpu",
+                                       "--pixel-quantile", "0.5"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "m" / "config.json").read_text())["threshold"]
+    assert record["params"]["pixel_quantile"] == 0.5
+    res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(tmp_path / "m"), "--method", "knn", "--device", "cpu",
+                                       "--pixel-quantile", "0"])
+    assert res.exit_code != 0 and "--pixel-quantile" in res.output
