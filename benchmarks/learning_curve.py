@@ -6,6 +6,7 @@ per seed) with the bank size and purity of that epoch. A diagnostic: these
 numbers use test labels and select nothing.
 
     python benchmarks/learning_curve.py runs/seed0 runs/seed1 runs/seed2 > benchmarks/results/learning-curve.md
+    python benchmarks/learning_curve.py runs/seed0 runs/seed1 runs/seed2 --plot curve.png   # also a picture
 """
 
 from __future__ import annotations
@@ -17,8 +18,38 @@ from pathlib import Path
 import numpy as np
 
 
+def plot(path: Path, logs: dict, epochs: list, title: str) -> None:
+    """Test image / pixel AUROC per epoch, mean and the band of ± one std over the fits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key, name in (("test_image_auroc", "image AUROC"), ("test_pixel_auroc", "pixel AUROC")):
+        values = [[100 * r[key] for log in logs.values() for r in log if r["epoch"] == e and key in r] for e in epochs]
+        mean = np.array([np.mean(v) for v in values])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+        ax.plot(epochs, mean, marker="o", label=name)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test AUROC (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
-    dirs = [Path(d) for d in sys.argv[1:]]
+    args = sys.argv[1:]
+    plot_path = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        plot_path = Path(args[i + 1])
+        del args[i:i + 2]
+    dirs = [Path(d) for d in args]
     if not dirs:
         raise SystemExit(__doc__)
     logs = {d: [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines() if line.strip()]
@@ -35,6 +66,9 @@ def main() -> None:
         return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "")
 
     split = config["contamination"]
+    if plot_path is not None:
+        plot(plot_path, logs, epochs, f"{Path(config['cache']['path']).name}, {100 * split['ratio']:g}% contamination, "
+             f"{len(dirs)} seed(s): mean ± std\n(a diagnostic on test labels; it selects nothing)")
     print(f"Command: `python benchmarks/learning_curve.py {' '.join(map(str, dirs))}`; model directories from "
           f"`funad fit CACHE --contamination {split['ratio']} {'--overlap' if split['overlap'] else '--no-overlap'} "
           f"--seed S --eval-every N` (preset `{config.get('preset')}`: "
