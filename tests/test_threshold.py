@@ -144,7 +144,8 @@ def test_pixel_threshold_is_the_highest_map_value_on_images_called_normal():
     patches = rng.normal(1.0, 0.05, (40, 4)).astype(np.float32)
     patches[:4, 0] = 5.0  # four training images with one very anomalous patch
     images = patches.max(axis=1)
-    record = thresholds.choose(patches, images, (2, 2), (8, 8), thresholds.rule_for("knn", "otsu"), "knn")
+    record = thresholds.choose(patches, images, (2, 2), (8, 8), thresholds.rule_for("knn", "otsu", pixel_quantile=1.0),
+                               "knn")
     maxima = thresholds.map_maxima(patches, (2, 2), (8, 8))
     assert images[:4].min() >= record["image"] > images[4:].max()  # Otsu splits off the four
     assert record["pixel"] == pytest.approx(float(maxima[4:].max()))
@@ -156,6 +157,8 @@ def test_pixel_threshold_is_the_highest_map_value_on_images_called_normal():
     assert half["pixel"] == pytest.approx(float(np.quantile(maxima[4:], 0.5)))
     assert half["params"]["pixel_quantile"] == 0.5 and "0.5-quantile" in half["pixel_rule"]
     assert T.pixel_threshold(maxima[4:], 1.0) == pytest.approx(record["pixel"])
+    default = thresholds.choose(patches, images, (2, 2), (8, 8), thresholds.rule_for("knn", "otsu"), "knn")
+    assert default["pixel"] == pytest.approx(float(np.quantile(maxima[4:], T.DEFAULT_PIXEL_QUANTILE)))
 
 
 @pytest.mark.parametrize("q", [0.0, 1.5, float("nan")])
