@@ -18,6 +18,7 @@ ORDER = [
     ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
     ("Decisions without labels: threshold rules against F1-max", "thresholds.md"),
+    ("Decisions without labels: pixel-threshold rules against pixel F1-max", "pixel-thresholds.md"),
     ("FUN-AD* (synthetic anomalies) and the class-token variant", "synthetic.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),

@@ -51,8 +51,8 @@ DEFAULT_EXPECTED_CONTAMINATION = 0.1
 DEFAULT_MAD_K = 3.0
 # The pixel threshold: this quantile of the map maxima of the training images the image threshold calls
 # normal (None or 1: their maximum, so no such image shows a pixel above it). 0.9 was the only candidate at
-# or above 0.9 of pixel F1-max on both bottle and KolektorSDD (3 seeds each; the maximum reached 0.58 and
-# 0.66: it leaves most defect pixels below it). BENCHMARKS.md, "Pixel thresholds".
+# or above 0.9 of pixel F1-max on both bottle and KolektorSDD (0.92 and 0.97, 3 seeds each; the maximum
+# reached 0.58 and 0.32: it leaves most defect pixels below it). benchmarks/results/pixel-thresholds.md.
 DEFAULT_PIXEL_QUANTILE = 0.9
 # MAD and mean absolute deviation -> the standard deviation of a normal distribution.
 _MAD_TO_STD = 1.4826

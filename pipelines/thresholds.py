@@ -27,9 +27,9 @@ anomaly maps (built as ``funad eval`` builds them) of the training images that
 the image threshold calls normal; the threshold is their 0.9-quantile
 (``--pixel-quantile``; 1 = their maximum, so that a map pixel above it is
 higher than anything on a part judged normal). The maximum left most defect
-pixels below it: pixel F1 at 0.58 of pixel F1-max on bottle and 0.66 on
-KolektorSDD, against 0.92 and 0.96 for the 0.9-quantile (3 seeds each,
-benchmarks/pixel_threshold_rules.py). (Applying the image rule
+pixels below it: pixel F1 at 0.58 of pixel F1-max on bottle and 0.32 on
+KolektorSDD (full frame), against 0.92 and 0.97 for the 0.9-quantile (3 seeds
+each, benchmarks/results/pixel-thresholds.md). (Applying the image rule
 to the maps' maxima instead was tried on bottle: Otsu put it so high that
 31 of 42 anomalous test images showed no region, against 39 of 42 with this
 rule, and no normal test image showed one with either.) When the image
