@@ -35,7 +35,7 @@ def from_sweep(folder: Path):
     for f in sorted((folder / "cells").glob("*.json")):
         d = json.loads(f.read_text())
         key = f.stem
-        setting = f"{folder.name}: " + ("overlap" if "_overlap_" in key else "no-overlap") + \
+        setting = f"{folder.name} {key.split('_')[0]}: " + ("overlap" if "_overlap_" in key else "no-overlap") + \
                   " " + next((p for p in key.split("_") if p.startswith("ratio=")), "")
         yield setting, key, d["threshold"]["params"]["scale"], np.array(d["threshold"]["training_scores"]["image_scores"]), \
             np.array(d["test_labels"]), np.array(d["test_image_scores"])
