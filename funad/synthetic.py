@@ -50,13 +50,13 @@ def perlin(y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> np.ndarray
     oy, ox = y0.min(), x0.min()
     h, w = int(y0.max() - oy) + 2, int(x0.max() - ox) + 2
     angles = rng.uniform(0, 2 * np.pi, size=(h, w))
-    grad = np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # (h, w, 2) unit gradients
-    iy, ix = y0 - oy, x0 - ox
+    grad_y, grad_x = np.cos(angles).ravel(), np.sin(angles).ravel()  # unit gradients, flattened
+    at = (y0 - oy) * w + (x0 - ox)  # flat index of each sample's top-left lattice corner
     fy, fx = y - y0, x - x0
 
     def corner(dy: int, dx: int) -> np.ndarray:
-        g = grad[iy + dy, ix + dx]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        k = at + (dy * w + dx)  # one flat gather per component: ~3x faster than 2-D fancy indexing
+        return grad_y.take(k) * (fy - dy) + grad_x.take(k) * (fx - dx)
 
     uy, ux = _fade(fy), _fade(fx)
     top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
