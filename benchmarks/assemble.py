@@ -14,6 +14,7 @@ ORDER = [
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
     ("Quality: KolektorSDD", "quality-ksdd.md"),
     ("Quality: KolektorSDD in its own geometry (full frame, tiles) against squashed", "geometry.md"),
+    ("Speed: the full-frame geometry (tiles) against the paper's", "geometry-speed.md"),
     ("Speed: extract", "extract.md"),
     ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
