@@ -12,6 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
+    ("Quality: FUN-AD on bottle at 0% and 1% contamination", "quality-bottle-low.md"),
     ("Quality: KolektorSDD", "quality-ksdd.md"),
     ("Quality: KolektorSDD in its own geometry (full frame, tiles) against squashed", "geometry.md"),
     ("Speed: the full-frame geometry (tiles) against the paper's", "geometry-speed.md"),
