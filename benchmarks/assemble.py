@@ -16,6 +16,7 @@ ORDER = [
     ("Quality: KolektorSDD", "quality-ksdd.md"),
     ("Quality: KolektorSDD in its own geometry (full frame, tiles) against squashed", "geometry.md"),
     ("Speed: the full-frame geometry (tiles) against the paper's", "geometry-speed.md"),
+    ("Speed: making FUN-AD* synthetic images against the forward pass", "synthetic-speed.md"),
     ("Speed: extract", "extract.md"),
     ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),

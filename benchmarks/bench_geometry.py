@@ -69,6 +69,9 @@ def main() -> None:
     chosen = [s for s in samples if s.label == 1][: args.images // 2] + [s for s in samples if s.label != 1]
     chosen = chosen[: args.images]
     paths = [args.data / s.path for s in chosen]
+    from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
+
+    peak = matmul_flops(torch.device("cpu"), 768)
     bb = load_backbone(BackboneSpec(args.backbone, weights=str(args.weights), layer=args.layer,
                                     image_size=args.image_size), "cpu", precision=args.precision)
     paper = Geometry.paper(bb.image_size, bb.patch_size)
@@ -82,6 +85,7 @@ def main() -> None:
           f"{args.layer}, {args.precision}, batch {args.batch_size}, {len(paths)} images of {args.data})\n")
     print(f"paper: frame {paper.frame}, grid {paper.grid}; full: frame {full.frame}, grid {full.grid}, "
           f"{tiles} tiles\n")
+    print(f"float32 matmul peak, same run: {peak / 1e9:.0f} GFLOP/s\n")
     print("| round | paper s/img | full s/img | full / paper | target <= tiles + 0.5 |")
     print("|---|---|---|---|---|")
     for k, (a, b) in enumerate(rounds, 1):
