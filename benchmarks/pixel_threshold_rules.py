@@ -50,7 +50,7 @@ def measure_dir(path: Path) -> tuple[str, dict, float]:
         name = Path(info.cache["path"]).name
     maxima = map_maxima(train_patches, grid, size, cpu)
     normal = maxima[train_images < record["image"]]
-    thresholds = {r: float(normal.max() if q is None else np.quantile(normal, q)) for r, q in RULES.items()}
+    thresholds = {r: T.pixel_threshold(normal, q) for r, q in RULES.items()}
     maps = np.asarray(patch_scores_to_maps(test_patches, grid, size, sigma=MAP_SIGMA))
     truth = masks.ravel() > 0
     f1 = {r: T.at_threshold(truth, maps.ravel(), t)["f1"] for r, t in thresholds.items()}

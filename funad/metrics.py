@@ -165,7 +165,7 @@ def _check_maps(masks, maps):
     return masks > 0, maps
 
 
-def _flat(x) -> np.ndarray:
+def all_pixels(x) -> np.ndarray:
     """All pixels of an (n, H, W) array or of a list of 2-D arrays, as one 1-D array."""
     return np.concatenate([a.ravel() for a in x]) if isinstance(x, list) else x.ravel()
 
@@ -190,11 +190,11 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     392x392 in ``benchmarks/bench_eval.py``; scikit-learn needs 700 MiB).
     """
     positive, maps = _check_maps(masks, maps)
-    positive = _flat(positive)
+    positive = all_pixels(positive)
     n_pos = int(positive.sum())
     if _undefined("pixel AUROC/AP", n_pos, positive.size - n_pos):
         return {"pixel_auroc": _NAN, "pixel_ap": _NAN, "pixel_f1_max": _NAN, "pixel_f1_threshold": _NAN}
-    tps, fps, thresholds = _binary_curve(positive, _flat(maps))
+    tps, fps, thresholds = _binary_curve(positive, all_pixels(maps))
     auroc, ap = _auroc_ap(tps, fps)
     f1 = 2.0 * tps / (tps + fps + n_pos)
     best = int(np.argmax(f1))
@@ -230,15 +230,15 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> Optional[tuple[np.ndarray,
         weight[1:] = 1.0 / sizes[1:]
         pro_change[i] = weight[labelled]  # 1 / region size on region pixels, 0 elsewhere
         n_regions += n
-    gt = _flat(gt)
+    gt = all_pixels(gt)
     n_negatives = int((~gt).sum())
     if n_regions == 0 or n_negatives == 0:
         what = "no ground-truth region" if n_regions == 0 else "no normal pixel"
         logger.warning("AUPRO is undefined: the masks have %s (%d images); reporting nan", what, len(pro_change))
         return None
-    pro_change = _flat(pro_change)
+    pro_change = all_pixels(pro_change)
 
-    scores = _flat(maps)
+    scores = all_pixels(maps)
     order = np.argsort(scores)[::-1]
     scores = scores[order]
     fps = np.cumsum(~gt[order], dtype=np.int64)

@@ -148,25 +148,20 @@ def write_pictures(report_dir: Path, *, store, ids: np.ndarray, masks: np.ndarra
     return [p for paths in written.values() for p in paths]
 
 
+def _table_values(results: Sequence[EvalResult]) -> dict[str, list]:
+    """Every table metric's defined values over results (undefined ones are skipped)."""
+    return {key: [v for v in (r.metrics.get(key) for r in results) if v is not None] for key, _ in TABLE_COLUMNS}
+
+
 def mean_row(results: Sequence[EvalResult]) -> dict:
     """The mean over results of every table metric (NaN-aware: undefined values are skipped)."""
-    row = {}
-    for key, _ in TABLE_COLUMNS:
-        vals = [r.metrics.get(key) for r in results]
-        vals = [v for v in vals if v is not None]
-        row[key] = float(np.mean(vals)) if vals else None
-    return row
+    return {key: float(np.mean(v)) if v else None for key, v in _table_values(results).items()}
 
 
 def std_row(results: Sequence[EvalResult]) -> dict:
     """The sample standard deviation (ddof=1) over results of every table metric; None with fewer than 2 values.
     With one model directory per seed, mean ± std is the figure to quote, not one seed's."""
-    row = {}
-    for key, _ in TABLE_COLUMNS:
-        vals = [r.metrics.get(key) for r in results]
-        vals = [v for v in vals if v is not None]
-        row[key] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
-    return row
+    return {key: float(np.std(v, ddof=1)) if len(v) > 1 else None for key, v in _table_values(results).items()}
 
 
 def write_summary(path: Path, results: Sequence[EvalResult]) -> None:

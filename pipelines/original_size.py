@@ -21,8 +21,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import read_dataset
-from .errors import DatasetError
+from funad import metrics
+
+from .datasets import KINDS, read_dataset
+from .errors import DatasetError, PipelineError
 from .geometry import Geometry, original_size
 
 logger = logging.getLogger(__name__)
@@ -68,11 +70,6 @@ def measure(store, ids: np.ndarray, maps: np.ndarray, map_size: str = "auto") ->
     ``map_size``: "original", "input" (returns None: the caller keeps its input-size metrics) or
     "auto" (original when the store came from a dataset funad reads, so the originals can be found).
     """
-    from funad import metrics
-
-    from .datasets import KINDS
-    from .errors import PipelineError
-
     if map_size not in MAP_SIZES:
         raise PipelineError(f"--map-size must be one of {list(MAP_SIZES)}, got {map_size!r}")
     if map_size == "input" or (map_size == "auto" and store.attrs.get("dataset_kind") not in KINDS):

@@ -31,8 +31,8 @@ pixels below it: pixel F1 at 0.58 of pixel F1-max on bottle and 0.32 on
 KolektorSDD (full frame), against 0.92 and 0.97 for the 0.9-quantile (3 seeds
 each, benchmarks/results/pixel-thresholds.md). (Applying the image rule
 to the maps' maxima instead was tried on bottle: Otsu put it so high that
-31 of 42 anomalous test images showed no region, against 39 of 42 with this
-rule, and no normal test image showed one with either.) When the image
+31 of 42 anomalous test images showed no region, against 39 of 42 with the
+maximum, and no normal test image showed one with either.) When the image
 threshold calls no training image normal, the rule is applied to the maps'
 maxima.
 """
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from funad import anomaly_map
+from funad.metrics import all_pixels
 from funad import threshold as rules
 
 from .errors import ModelDirError
@@ -181,8 +182,7 @@ def at_thresholds(record: Optional[dict], labels: np.ndarray, image_scores: np.n
         return {"model_threshold": None, "candidates": {}}
     pixel = {}
     if masks is not None and maps is not None and record.get("pixel") is not None:
-        flat = (lambda x: np.concatenate([np.asarray(a).ravel() for a in x])) if isinstance(maps, list) else np.ravel
-        pixel = {"pixel_threshold": rules.at_threshold(flat(masks) > 0, flat(maps), record["pixel"])}
+        pixel = {"pixel_threshold": rules.at_threshold(all_pixels(masks) > 0, all_pixels(maps), record["pixel"])}
     return {
         **pixel,
         "model_threshold": {"rule": record["rule"], **rules.at_threshold(labels, image_scores, record["image"])},
