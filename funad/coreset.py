@@ -20,18 +20,21 @@ the same and nothing else:
    agree to ~1e-6), which ``tests/test_coreset.py`` checks against a slow
    reference. It is made fast on a CPU by being lazy and batched: every
    point keeps an upper bound of its distance to the selected set (exact
-   when last refreshed). A round refreshes the ``_BATCH`` points with the
-   largest bounds in one matrix product against the centres they have not
-   seen, then selects among them for as long as the best is farther than
-   the largest bound outside the batch. Points well covered early are
-   never looked at again.
+   when last refreshed). A round takes the ``_BATCH`` points with the
+   largest bounds and refreshes them against the centres they have not
+   seen, in matrix products over chunks of ``_CHUNK`` centres; a candidate
+   leaves the refresh as soon as its bound falls to the largest bound
+   outside the batch, since it cannot be chosen this round. The round then
+   selects among the remaining candidates for as long as the best is
+   farther than that bound. Points well covered early are never looked at
+   again.
 
 Cost: the plain update reads all M x 128 projected values once per selected
-point, a memory-bound pass repeated n_select times (about 15 minutes for a
-10% coreset of the 164k-patch bottle bank on this project's 2-core CPU,
-issue 12). The lazy update computes fewer distances, in large matrix
-products. ``benchmarks/bench_coreset.py``
-times both on a real cache.
+point, a memory-bound pass repeated n_select times (about 3 minutes for a
+10% coreset of the 164k-patch bottle bank on this project's idle 2-core
+CPU). The lazy update computes about a third of those distances (early
+leaving halved the refresh's share), in large matrix products.
+``benchmarks/bench_coreset.py`` times both on a real cache.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ _PROJECT_ROWS = 65536
 # Candidates refreshed and searched per round of the lazy k-center update (of 1024-16384 tried on a
 # slice of the bottle bank, 4096-8192 were fastest; benchmarks/bench_coreset.py times the default).
 _BATCH = 4096
+# Centres compared per matrix product when refreshing candidates (256-1024 were equally fast on the
+# bottle bank; smaller chunks let more candidates leave early, larger ones make better products).
+_CHUNK = 512
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -137,39 +143,59 @@ class _Points:
 
 
 def _refresh(points: _Points, rows: torch.Tensor, bound: torch.Tensor, seen: torch.Tensor,
-             centres_right: torch.Tensor, t: int) -> torch.Tensor:
-    """Exact squared distances of ``rows`` to the nearest of the first ``t`` centres.
+             centres_right: torch.Tensor, t: int, outside: float,
+             chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tighten the bounds of ``rows`` against the first ``t`` centres, stopping early for rows that drop out.
 
-    ``centres_right`` holds the centres in ``_Points.right`` form, in
-    selection order. ``bound[i]`` already accounts for the first ``seen[i]``
-    centres, so only the centres from ``min(seen)`` on are compared, in one
-    matrix product. (Splitting the rows into groups of similar ``seen``
-    saves distances but was slower on the bottle bank: small products.)
+    ``bound[i]`` accounts for the first ``seen[i]`` centres. The centres not
+    yet seen are compared in chunks of ``chunk``, oldest first, in one matrix
+    product per chunk over the rows still in play. A row whose bound falls to
+    ``outside`` or below leaves: it cannot be selected this round, so its
+    exact distance is not needed yet. It keeps the bound of the centres it
+    has seen (still a contiguous prefix, so ``seen`` stays one number per row).
+
+    Returns:
+        (bound, seen, active): the new bounds and counts of ``rows``, and the
+        positions (ascending) of the rows still in play, whose bounds are exact
+        (``seen == t``).
     """
-    first = int(seen.min())
-    if first >= t:
-        return bound.clone()
-    return torch.minimum(bound, points.nearest_sqdist(rows, centres_right[first:t]))
+    bound, seen = bound.clone(), seen.clone()
+    active = torch.arange(rows.numel(), device=rows.device)
+    for c0 in range(int(seen.min()) if rows.numel() else t, t, chunk):
+        c1 = min(c0 + chunk, t)
+        need = active[seen.index_select(0, active) < c1]
+        if need.numel():
+            d = points.nearest_sqdist(rows.index_select(0, need), centres_right[c0:c1])
+            bound.index_copy_(0, need, torch.minimum(bound.index_select(0, need), d))
+            seen.index_fill_(0, need, c1)
+        active = active[bound.index_select(0, active) > outside]
+        if active.numel() == 0:
+            break
+    return bound, seen, active
 
 
-def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BATCH) -> torch.Tensor:
+def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BATCH,
+                    chunk: int = _CHUNK) -> torch.Tensor:
     """Exact greedy k-center selection starting at ``first``, with lazy batched updates.
 
     Every point keeps an upper bound of its squared distance to the nearest
     centre (exact when the point was last refreshed) and the number of
     centres that bound has seen. A round takes the ``batch`` points with the
-    largest bounds, refreshes them exactly (matrix products against the
-    centres they have not seen) and then selects centres among them one by
-    one, for as long as the best of them is strictly farther than the
-    largest bound outside the batch: no other point can be farther, since
-    bounds only overestimate. Points far from the frontier are not touched
-    again.
+    largest bounds and the largest bound outside them, ``outside``. It
+    tightens the candidates' bounds against the centres they have not seen
+    (:func:`_refresh`, in chunks of ``chunk`` centres); a candidate leaves as
+    soon as its bound is ``outside`` or less, since it cannot be the farthest
+    point. It then selects centres among the remaining, now exact, candidates
+    one by one, for as long as the best of them is strictly farther than
+    ``outside``: no other point can be farther, since bounds only
+    overestimate. Points far from the frontier are not touched again.
 
     Args:
         x: (M, d) float32 points; the work happens on their device.
         n_select: points to select, 1 <= n_select <= M.
         first: index of the first centre.
         batch: candidates per round.
+        chunk: centres compared per matrix product when refreshing candidates.
 
     Returns:
         int64 (n_select,) indices into ``x`` in selection order: each is the
@@ -192,22 +218,28 @@ def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BA
         cand = torch.sort(cand[:batch]).values  # ascending, so argmax breaks ties by the lowest index
         cand_seen = seen.index_select(0, cand)
         stale = bool((cand_seen < t).any())
-        cand_sq = _refresh(points, cand, bound.index_select(0, cand), cand_seen, centres_right, t)
-        cand_left, cand_norm = points.left.index_select(0, cand), points.sqnorm.index_select(0, cand)
+        cand_bound, cand_seen, active = _refresh(points, cand, bound.index_select(0, cand), cand_seen,
+                                                 centres_right, t, outside, chunk)
+        bound.index_copy_(0, cand, cand_bound)
+        seen.index_copy_(0, cand, cand_seen)
+        live = cand.index_select(0, active)  # exact to t, ascending
+        live_sq = cand_bound.index_select(0, active)
+        live_left, live_norm = points.left.index_select(0, live), points.sqnorm.index_select(0, live)
         start = t
-        while t < n_select:
-            pos = int(torch.argmax(cand_sq))
-            if not float(cand_sq[pos]) > outside:
+        while t < n_select and live.numel():
+            pos = int(torch.argmax(live_sq))
+            if not float(live_sq[pos]) > outside:
                 break
-            c = int(cand[pos])
+            c = int(live[pos])
             selected[t], centres_right[t] = c, points.right[c]
             t += 1
-            torch.minimum(cand_sq, torch.addmv(cand_norm, cand_left, points.right[c]).clamp_(min=0.0), out=cand_sq)
-        bound.index_copy_(0, cand, cand_sq)
-        seen.index_fill_(0, cand, t)
+            torch.minimum(live_sq, torch.addmv(live_norm, live_left, points.right[c]).clamp_(min=0.0), out=live_sq)
+        bound.index_copy_(0, live, live_sq)
+        seen.index_fill_(0, live, t)
         if t == start and not stale:
             # Exact ties across the batch boundary: settle them with one exact pass over every point.
-            bound = _refresh(points, torch.arange(m, device=x.device), bound, seen, centres_right, t)
+            every = torch.arange(m, device=x.device)
+            bound, seen, _ = _refresh(points, every, bound, seen, centres_right, t, -1.0, max(t, 1))
             c = int(torch.argmax(bound))
             selected[t], centres_right[t] = c, points.right[c]
             t += 1

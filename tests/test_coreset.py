@@ -23,11 +23,13 @@ def _covering_radius(x: torch.Tensor, chosen: torch.Tensor) -> float:
     return float(torch.cdist(x, x[chosen]).min(dim=1).values.max())
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 512])
 @pytest.mark.parametrize("batch", [1, 3, 16, 1024])
-def test_k_center_matches_the_slow_reference(batch):
+def test_k_center_matches_the_slow_reference(batch, chunk):
+    # chunk 1 and 4: candidates leave the refresh after a few centres, with only part of their bound refreshed.
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(150, 6, generator=g) * torch.rand(150, 1, generator=g) * 3
-    got = k_center_greedy(x, 40, first=7, batch=batch).tolist()
+    got = k_center_greedy(x, 40, first=7, batch=batch, chunk=chunk).tolist()
     assert got == _slow_k_center(x, 7, 40)
 
 
@@ -36,7 +38,8 @@ def test_k_center_breaks_exact_ties_like_the_reference():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 4, (60, 3), generator=g).float()
     for batch in (2, 5, 64):
-        assert k_center_greedy(x, 30, first=0, batch=batch).tolist() == _slow_k_center(x, 0, 30)
+        for chunk in (1, 3, 512):
+            assert k_center_greedy(x, 30, first=0, batch=batch, chunk=chunk).tolist() == _slow_k_center(x, 0, 30)
 
 
 def test_coreset_covers_a_planted_set_far_better_than_random():
