@@ -488,3 +488,12 @@ def test_set_help_and_list_settings_name_every_field():
     order = sorted(PRESETS)
     assert cells[1] == "1500" and cells[2 + order.index("fast")] == "60 *" and cells[2 + order.index("paper")] == "1500"
     assert "passes over the training set" in rows["epochs"]
+
+
+def test_available_ram_counts_the_page_cache_the_kernel_can_drop(tmp_path):
+    from funad.pipelines.features import available_ram
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24730000 kB\nMemFree:         5000000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_ram(str(meminfo)) == 20000000 * 1024
+    # Without /proc/meminfo (other systems): the free pages, never an error.
+    assert available_ram(str(tmp_path / "absent")) >= 0
