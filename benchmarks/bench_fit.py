@@ -41,10 +41,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops(device: torch.device, dim: int, repeats: int = 3) -> float:
-    """Best float32 matmul FLOP/s for (8192, dim) x (dim, 8192)."""
-    a = torch.randn(8192, dim, device=device)
-    b = torch.randn(dim, 8192, device=device)
+def matmul_flops(device: torch.device, dim: int, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best matmul FLOP/s for (8192, dim) x (dim, 8192) in ``dtype`` (float32 unless told)."""
+    a = torch.randn(8192, dim, device=device).to(dtype)
+    b = torch.randn(dim, 8192, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -134,9 +134,17 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
     return out
 
 
+def preset_config(name: str, **overrides) -> FunADConfig:
+    """``paper``, ``fast``, or either with ``+bf16`` (bfloat16 autocast switched on)."""
+    base, _, extra = name.partition("+")
+    if extra not in ("", "bf16"):
+        raise SystemExit(f"unknown preset variant {name!r}: use NAME or NAME+bf16")
+    return preset(base, **({"bf16": True} if extra else {}), **overrides)
+
+
 def run_preset(name: str, args, source: TensorSource, device: torch.device) -> tuple[dict, dict]:
     """Mean phase times over the iterations of one bank cycle of preset ``name``."""
-    cfg = preset(name, batch_size=min(32, args.n))
+    cfg = preset_config(name, batch_size=min(32, args.n))
     net = LocalNet(source.dim, generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     state = {"host_gen": torch.Generator().manual_seed(1),
@@ -174,7 +182,8 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=784, help="patches per image")
     parser.add_argument("--d", type=int, default=768, help="feature dimension")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--presets", default="paper,fast", help="which presets to time (comma-separated)")
+    parser.add_argument("--presets", default="paper,fast",
+                        help="which presets to time (comma-separated; NAME+bf16 switches bf16 autocast on)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -187,7 +196,8 @@ def main() -> None:
     print(f"- problem: N={args.n} images, P={args.p} patches, D={args.d}, batch 32, synthetic N(0,1) features; "
           f"NN back-end '{resolve_backend('auto', device)}'")
     peak = matmul_flops(device, args.d)
-    print(f"- float32 matmul (8192x{args.d} @ {args.d}x8192), same run: **{peak / 1e9:.1f} GFLOP/s**")
+    print(f"- float32 matmul (8192x{args.d} @ {args.d}x8192), same run: **{peak / 1e9:.1f} GFLOP/s**; bfloat16 "
+          f"{matmul_flops(device, args.d, dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     cap = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "n/a"
     fp32, bf16 = localnet_rate(device, args.d, False), localnet_rate(device, args.d, True)
     print(f"- Local-Net forward, 16384 patches, same run: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 autocast "
@@ -198,7 +208,7 @@ def main() -> None:
     times = {}
     for name in args.presets.split(","):
         phases, info = run_preset(name, args, source, device)
-        cfg = preset(name)
+        cfg = preset_config(name)
         iters = cfg.epochs_for(args.n) * (args.n // 32)
         title = (f"`--preset {name}`: mean iteration, one bank rebuild per {info['cycle']} steps (a step with and one "
                  f"without a rebuild, weighted 1 : {info['cycle'] - 1}); bank {info['bank_rows']} rows, "
@@ -206,9 +216,9 @@ def main() -> None:
         times[name] = table(title, phases, peak)
         print(f"\n- a whole `{name}` fit of N={args.n} images is {iters} iterations: about "
               f"{iters * times[name]:.0f} s at this rate (an estimate from the mean iteration)")
-    if "paper" in times and "fast" in times:
-        print(f"\n- fast / paper iteration time: {times['fast'] / times['paper']:.3f} "
-              f"(speed-up {times['paper'] / times['fast']:.1f}x)")
+    first = next(iter(times))
+    for name, secs in list(times.items())[1:]:
+        print(f"- {name} / {first} iteration time: {secs / times[first]:.3f} (speed-up {times[first] / secs:.1f}x)")
 
 if __name__ == "__main__":
     main()

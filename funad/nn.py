@@ -9,14 +9,23 @@ Two back-ends give the same answers (up to float rounding):
   ``faiss.StandardGpuResources`` when the bank is on a CUDA device and faiss was
   built with GPU support, else the CPU index (its inputs go through the host).
 
-``"auto"`` picks per device kind, from ``benchmarks/bench_nn.py`` (results in
-``benchmarks/results/fit.md``):
+``"auto"`` picks per device kind, from ``benchmarks/bench_nn.py``:
 
-- CPU -> faiss (torch when faiss is missing). On this project's shared 2-core
-  CPU, exact k=2 search of 4096 queries was faster with faiss in all 6 cases
-  (M = 10k/40k/70k bank vectors, D = 768/1536): faiss/torch time 0.47-0.95,
-  e.g. M=40k, D=1536: faiss 2.76 s, torch 3.59 s. faiss tiles the distance
-  matrix more cache-friendly than one large matmul plus top-k.
+- CPU -> it depends on the CPU's maker, because torch's CPU matmul is Intel's
+  MKL, which takes its fast paths on Intel CPUs only, while the faiss wheels
+  bring their own BLAS:
+
+  - Intel -> torch. On this project's 2-core Xeon with AVX-512 and AMX,
+    idle, exact k=2 search of 8192 queries in a 50k-vector bank (D = 768)
+    took 3.2 s with torch and 13.8 s with faiss (199 vs 46 GFLOP/s; the
+    matmul peak was 240-259 GFLOP/s in the same runs), and the faithful
+    iteration's search 105 s with faiss (``benchmarks/results/fit.md``).
+  - other makers -> faiss (torch when faiss is missing). On an earlier 2-core
+    AMD EPYC (AVX2), faiss was faster in all 6 cases measured (M = 10k/40k/70k
+    bank vectors, D = 768/1536): faiss/torch time 0.47-0.95.
+
+  The choice depends only on the machine, never on a timing taken at run
+  time, so the same fit on the same machine gives the same numbers.
 - CUDA -> torch. No GPU was available to measure; the torch path keeps bank,
   queries and results on the device (no host round trips), which a faiss CPU
   index cannot, and a faiss GPU flat index is itself a matmul plus k-selection.
@@ -24,6 +33,7 @@ Two back-ends give the same answers (up to float rounding):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Optional, Union
@@ -67,8 +77,8 @@ def faiss_available() -> bool:
 def resolve_backend(backend: str, device: Union[str, torch.device, None]) -> str:
     """Map ``"auto"`` to the measured-faster back-end for ``device``.
 
-    faiss on the CPU when it is installed, torch otherwise and on accelerators
-    (see the module docstring for the measurements).
+    On the CPU: torch on Intel CPUs, faiss on others when it is installed;
+    torch on accelerators (see the module docstring for the measurements).
     """
     if backend not in BACKENDS:
         raise DataError(f"unknown nearest-neighbour backend {backend!r}; choose one of {BACKENDS}")
@@ -78,7 +88,20 @@ def resolve_backend(backend: str, device: Union[str, torch.device, None]) -> str
     if backend != "auto":
         return backend
     on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
-    return "faiss" if on_cpu and faiss_available() else "torch"
+    return "faiss" if on_cpu and cpu_vendor() != "GenuineIntel" and faiss_available() else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), "" when unknown."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 class NNIndex:

@@ -48,9 +48,21 @@ def test_search_errors_name_the_numbers():
         resolve_backend("annoy", "cpu")
 
 
-def test_auto_picks_torch_on_accelerators():
+def test_auto_picks_torch_on_accelerators_and_intel_cpus(monkeypatch):
+    import funad.nn as nn
     assert resolve_backend("auto", "cuda") == "torch"
+    monkeypatch.setattr(nn, "cpu_vendor", lambda: "GenuineIntel")
+    assert resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.setattr(nn, "cpu_vendor", lambda: "AuthenticAMD")
     assert resolve_backend("auto", "cpu") == ("faiss" if faiss_available() else "torch")
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    from funad.nn import cpu_vendor
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\n")
+    assert cpu_vendor.__wrapped__(str(info)) == "AuthenticAMD"
+    assert cpu_vendor.__wrapped__(str(tmp_path / "absent")) == ""
 
 
 def test_mutual_pairs_by_hand():
