@@ -24,12 +24,7 @@ from funad import FunAD, cache
 from funad.config import DEFAULT_PRESET, preset
 from funad.pipelines.features import load_features
 
-
-def matmul_peak(dim: int = 768) -> float:
-    a, b = torch.randn(8192, dim), torch.randn(dim, 8192)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(3))
-    return 2 * 8192 * 8192 * dim / best
+from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
 
 
 def _timed(fn) -> float:
@@ -68,7 +63,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"- features: {pool.shape[0]} real training images from {', '.join(args.caches)}, "
           f"P = {pool.shape[1]}, D = {pool.shape[2]}; preset `{args.preset}`")
-    print(f"- float32 matmul peak, same run: **{matmul_peak(pool.shape[2]) / 1e9:.0f} GFLOP/s**\n")
+    print(f"- float32 matmul peak, same run: **{matmul_flops(torch.device('cpu'), pool.shape[2]) / 1e9:.0f} GFLOP/s**\n")
     print("| training images | epochs run | iterations | fit s | bank s | search s | step s | s per iteration |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.n:
