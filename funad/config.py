@@ -119,6 +119,12 @@ class FunADConfig:
     def from_dict(cls, d: dict) -> "FunADConfig":
         return cls().replace(**d)
 
+    @classmethod
+    def completed(cls, d: dict) -> dict:
+        """A stored config (``to_dict`` of an older version) with every setting added since at its default,
+        which is what that version ran: resuming compares settings on this dict."""
+        return {**cls().to_dict(), **d}
+
     @staticmethod
     def parse_value(name: str, text: str) -> Any:
         """Convert a command-line string to the type of field ``name``."""

@@ -239,8 +239,7 @@ class FunAD:
         missing = sorted({"epoch", "config", "net", "optimizer", "host_rng", "noise_rng"} - set(state))
         if missing:
             raise DataError(f"checkpoint lacks {missing}; pass a state produced by fit(on_checkpoint=...)")
-        # a setting added by a later version is its default in a checkpoint written before it existed
-        saved = {k: v for k, v in {**FunADConfig().to_dict(), **state["config"]}.items() if k != "epochs"}
+        saved = {k: v for k, v in FunADConfig.completed(state["config"]).items() if k != "epochs"}
         current = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
         diff = sorted(k for k in current if saved.get(k) != current[k])
         if diff:

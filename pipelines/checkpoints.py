@@ -85,10 +85,9 @@ def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
              if old.get(key) != config[key]]
     old_config = old["config"]
     if old.get("method") == "funad" == config["method"]:
-        # a setting added by a later version is its default in a fit started before it existed
         from funad.config import FunADConfig
 
-        old_config = {**FunADConfig().to_dict(), **old_config}
+        old_config = FunADConfig.completed(old_config)
     diffs += [f"{key}: {old_config.get(key)!r} -> {config['config'].get(key)!r}"
               for key in sorted((set(old_config) | set(config["config"])) - {"epochs"})
               if old_config.get(key) != config["config"].get(key)]
