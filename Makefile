@@ -49,7 +49,7 @@ test-slow: venv
 # Speed benchmarks (short runs; each prints markdown with its machine and command).
 bench: venv
 	$(BIN)/python benchmarks/bench_extract.py > benchmarks/results/extract.md
-	$(BIN)/python benchmarks/bench_fit.py > benchmarks/results/fit.md
+	$(BIN)/python benchmarks/bench_fit.py --presets paper,paper+bf16,fast,fast+bf16 > benchmarks/results/fit.md
 	$(BIN)/python benchmarks/bench_fit.py --n 1000 --presets fast > benchmarks/results/scale.md
 	$(BIN)/python benchmarks/bench_nn.py >> benchmarks/results/fit.md
 	$(BIN)/python benchmarks/bench_residency.py > benchmarks/results/fit-pipeline.md
