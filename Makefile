@@ -24,8 +24,9 @@ venv: $(VENV)/.installed
 # backbone (see ../shared/weights/README.md): extract once (resumes if
 # interrupted), fit FUN-AD with 10% of the test anomalies mixed unlabelled into
 # training, and evaluate on the rest. Open $(DEMO)/report/overview.png.
-# fp32: this project's CPUs have no AVX512-BF16, and bf16 autocast ran about
-# 7x slower than fp32 there (benchmarks/results/fit.md, Local-Net forward).
+# fp32, not --precision auto: every figure in BENCHMARKS.md was extracted in fp32,
+# and auto picks bf16 on CPUs with AVX512-BF16/AMX (some of this project's
+# machines have them, some do not), which would change the demo's numbers.
 WEIGHTS := $(SHARED)/weights/vit_small_patch14_dinov2.imgfocus.safetensors
 
 demo: venv
