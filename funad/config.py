@@ -162,8 +162,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bank_pool": 64,  # a rebuild scores 64 images, so its cost does not grow with the training set
         "bank_patches": 4096,
         "batch_patches": 64,
-        # bf16 stays off: on this project's AVX2 CPU (no AVX512-BF16) bf16 autocast ran the
-        # Local-Net 2.4x slower than fp32 (benchmarks/bench_fit.py); on a GPU, --set bf16=true.
+        # bf16 stays off by default: on an AVX2 CPU (no AVX512-BF16) bf16 autocast ran the Local-Net
+        # 2.4-7x slower than fp32; on a CPU with AMX it ran 2.1x faster and a default iteration 1.43x
+        # (benchmarks/results/fit.md), with its accuracy measured in BENCHMARKS.md. --set bf16=true there
+        # and on a GPU.
         "bf16": False,
         "lr": 1e-4,
     },
