@@ -23,6 +23,8 @@ ORDER = [
     ("Decisions without labels: threshold rules against F1-max", "thresholds.md"),
     ("Decisions without labels: pixel-threshold rules against pixel F1-max", "pixel-thresholds.md"),
     ("FUN-AD* (synthetic anomalies) and the class-token variant", "synthetic.md"),
+    ("FUN-AD* against FUN-AD: MVTec AD bottle", "synthetic-bottle.md"),
+    ("FUN-AD* against FUN-AD: KolektorSDD", "synthetic-ksdd.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
