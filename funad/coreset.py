@@ -239,7 +239,7 @@ def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BA
         if t == start and not stale:
             # Exact ties across the batch boundary: settle them with one exact pass over every point.
             every = torch.arange(m, device=x.device)
-            bound, seen, _ = _refresh(points, every, bound, seen, centres_right, t, -1.0, max(t, 1))
+            bound, seen, _ = _refresh(points, every, bound, seen, centres_right, t, -1.0, chunk)
             c = int(torch.argmax(bound))
             selected[t], centres_right[t] = c, points.right[c]
             t += 1
