@@ -27,6 +27,7 @@ ORDER = [
     ("FUN-AD* against FUN-AD: KolektorSDD", "synthetic-ksdd.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
+    ("Speed: whole default fits, wall time", "fit-wall.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
     ("Speed: predict", "predict.md"),
     ("Speed: evaluation maths", "evaluation.md"),

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Wall time of a whole default `funad fit` (bottle, 10% contamination, no overlap, seed 0), in fp32 and with
+# bf16 autocast, one after the other, with the float32 and bfloat16 matmul peaks measured in the same run.
+# Run it alone on the machine; it writes benchmarks/results/fit-wall.md.
+#
+#   bash benchmarks/fit_wall.sh [CACHE]      # default CACHE: bench_out/bottle.zarr (benchmarks/quality.sh makes it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+CACHE=${1:-bench_out/bottle.zarr}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+peaks() {
+  (cd benchmarks && "../$BIN/python" -c "
+import torch
+from bench_fit import matmul_flops
+cpu = torch.device('cpu')
+print(f'{matmul_flops(cpu, 768) / 1e9:.0f} / {matmul_flops(cpu, 768, dtype=torch.bfloat16) / 1e9:.0f}')")
+}
+{
+  echo "# Whole default fits, wall time"
+  echo
+  echo "Command: \`bash benchmarks/fit_wall.sh $CACHE\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F))"
+  echo
+  echo "| fit | wall s | matmul peak before, fp32 / bf16 GFLOP/s |"
+  echo "|---|---|---|"
+  for arm in fp32 bf16; do
+    peak=$(peaks)
+    set_args=(); [ "$arm" = bf16 ] && set_args=(--set bf16=true)
+    start=$(date +%s.%N)
+    "$BIN/funad" fit "$CACHE" -o "$OUT/$arm" --contamination 0.1 --no-overlap --seed 0 "${set_args[@]}" >/dev/null 2>&1
+    end=$(date +%s.%N)
+    echo "| default preset, $arm | $(python3 -c "print(f'{$end - $start:.0f}')") | $peak |"
+  done
+  echo
+  echo "Wall time includes the CLI's start-up (imports), loading the features, the fit and the unlabelled thresholds."
+} | tee benchmarks/results/fit-wall.md
