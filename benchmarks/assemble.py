@@ -28,6 +28,7 @@ ORDER = [
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: whole default fits, wall time", "fit-wall.md"),
+    ("Quality: bf16 autocast against fp32", "bf16-quality.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
     ("Speed: predict", "predict.md"),
     ("Speed: evaluation maths", "evaluation.md"),
