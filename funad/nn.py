@@ -41,6 +41,7 @@ from typing import Optional, Union
 import torch
 
 from .errors import DataError
+from .ops import cpu_field
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,7 @@ def resolve_backend(backend: str, device: Union[str, torch.device, None]) -> str
 @functools.lru_cache(maxsize=1)
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), "" when unknown."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpu_field("vendor_id", cpuinfo)
 
 
 class NNIndex:

@@ -14,6 +14,20 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
 
 
+def cpu_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The value of the first ``name`` line of Linux's /proc/cpuinfo ("vendor_id", "flags", ...); "" when the
+    file or the field is missing (other systems)."""
+    try:
+        with open(cpuinfo, errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def autocast(device: torch.device, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled``, else a no-op context."""
     if not enabled:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from funad.ops import cpu_field
+
 from .errors import PipelineError
 
 # CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic. Without one, autocast to bf16
@@ -29,15 +31,7 @@ def resolve_device(device: str) -> torch.device:
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU lists AVX512-BF16 or AMX-BF16 (False where /proc/cpuinfo is absent)."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
+    flags = set(cpu_field("flags", str(cpuinfo)).split())
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
