@@ -93,7 +93,7 @@ def one_iteration(cfg: FunADConfig, net: LocalNet, opt, source: TensorSource, de
         images = sample_bank_images(bank_candidates(scored.image_scores, cfg.tau_b), cfg.r, host_gen)
         bank, _ = sample_bank_patches(gather_adapted(net, source, images, scored, device, cfg.bf16),
                                       cfg.bank_patches, host_gen)
-        state["index"] = NNIndex("auto", device).fit(bank.float())
+        state["index"] = NNIndex(state["backend"], device).fit(bank.float())
         state["scored"] = scored
     sync(device)
     t1 = time.perf_counter()
@@ -147,7 +147,7 @@ def run_preset(name: str, args, source: TensorSource, device: torch.device) -> t
     cfg = preset_config(name, batch_size=min(32, args.n))
     net = LocalNet(source.dim, generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.RMSprop(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    state = {"host_gen": torch.Generator().manual_seed(1),
+    state = {"backend": args.backend, "host_gen": torch.Generator().manual_seed(1),
              "noise_gen": torch.Generator(device=device).manual_seed(2)}
     one_iteration(cfg, net, opt, source, device, True, state)  # warm-up
     # The bank is rebuilt at the first step of each epoch and then every
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=784, help="patches per image")
     parser.add_argument("--d", type=int, default=768, help="feature dimension")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"],
+                        help="nearest-neighbour back-end of the bank search (funad.nn)")
     parser.add_argument("--presets", default="paper,fast",
                         help="which presets to time (comma-separated; NAME+bf16 switches bf16 autocast on)")
     args = parser.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
           f"{torch.get_num_threads()}, torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     print(f"- problem: N={args.n} images, P={args.p} patches, D={args.d}, batch 32, synthetic N(0,1) features; "
-          f"NN back-end '{resolve_backend('auto', device)}'")
+          f"NN back-end '{resolve_backend(args.backend, device)}'")
     peak = matmul_flops(device, args.d)
     print(f"- float32 matmul (8192x{args.d} @ {args.d}x8192), same run: **{peak / 1e9:.1f} GFLOP/s**; bfloat16 "
           f"{matmul_flops(device, args.d, dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")

@@ -30,9 +30,9 @@ the same and nothing else:
    again.
 
 Cost: the plain update reads all M x 128 projected values once per selected
-point, a memory-bound pass repeated n_select times (about 3 minutes for a
-10% coreset of the 164k-patch bottle bank on this project's idle 2-core
-CPU). The lazy update computes about a third of those distances (early
+point, a memory-bound pass repeated n_select times (184 s for a 10% coreset
+of the 164k-patch bottle bank on this project's idle 2-core EPYC, 41 s on its
+Xeon, whose L3 holds the whole projected bank; ``coreset.md``). The lazy update computes about a third of those distances (early
 leaving halved the refresh's share), in large matrix products.
 ``benchmarks/bench_coreset.py`` times both on a real cache.
 """

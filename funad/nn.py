@@ -16,10 +16,10 @@ Two back-ends give the same answers (up to float rounding):
   bring their own BLAS:
 
   - Intel -> torch. On this project's 2-core Xeon with AVX-512 and AMX,
-    idle, exact k=2 search of 8192 queries in a 50k-vector bank (D = 768)
-    took 3.2 s with torch and 13.8 s with faiss (199 vs 46 GFLOP/s; the
-    matmul peak was 240-259 GFLOP/s in the same runs), and the faithful
-    iteration's search 105 s with faiss (``benchmarks/results/fit.md``).
+    idle, faiss was 3.0-4.3x slower than torch in all 6 cases of
+    ``bench_nn.py`` (e.g. M = 40k, D = 768: torch 1.69 s, faiss 5.88 s), and
+    the faithful iteration's search took 105 s with faiss
+    (``bench_fit.py --backend faiss``; ``benchmarks/results/fit.md``).
   - other makers -> faiss (torch when faiss is missing). On an earlier 2-core
     AMD EPYC (AVX2), faiss was faster in all 6 cases measured (M = 10k/40k/70k
     bank vectors, D = 768/1536): faiss/torch time 0.47-0.95.
