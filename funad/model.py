@@ -89,7 +89,10 @@ class FunAD:
                 bank_images, bank_patches (the epoch's last bank), time_bank,
                 time_search, time_step (seconds over the epoch; search =
                 distances + mutual pairs) and, with diagnostics, bank_purity,
-                pseudo_precision, pseudo_recall.
+                pseudo_precision, pseudo_recall; with synthetic images too, the
+                same two on real and on synthetic images (``pseudo_precision_real``,
+                ``pseudo_recall_synthetic``, ...) and pseudo_share_synthetic,
+                the share of pseudo-anomalies that fall on synthetic images.
             diagnostics: {"image_labels": (n_images,) 0/1, "patch_labels":
                 (n_images, n_patches) 0/1}; only reported, never acted upon.
             checkpoint: a state given to ``on_checkpoint`` by an earlier fit
@@ -118,6 +121,7 @@ class FunAD:
         device = torch.device(device) if device is not None else source_device(source)
         diag = Diagnostics(diagnostics, n, p)
         syn, syn_labels = _synthetic_flags(cfg, synthetic, synthetic_labels, n, p, device)
+        diag.synthetic = syn
         if diag.patch_labels is not None:
             diag.patch_labels = diag.patch_labels.to(device)
 

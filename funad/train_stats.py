@@ -36,6 +36,7 @@ class Diagnostics:
 
     def __init__(self, given: Optional[dict], n_images: int, n_patches: int) -> None:
         self.image_labels = self.patch_labels = None
+        self.synthetic: Optional[torch.Tensor] = None  # (n_images,) bool, set by ``FunAD.fit`` for FUN-AD*
         if not given:
             return
         unknown = sorted(set(given) - {"image_labels", "patch_labels"})
@@ -64,6 +65,7 @@ class EpochStats:
         self.bank_images = self.bank_patches = 0
         self.purity: list[float] = []
         self.tp = self.fp = self.fn = 0
+        self.by_group: dict[str, list] = {"real": [0, 0, 0], "synthetic": [0, 0, 0]}  # tp, fp, fn (FUN-AD* only)
 
     def add(self, step_losses, targets, diag: Diagnostics, batch_idx: np.ndarray, positions: torch.Tensor) -> None:
         """Count one step: its ``train_step.Losses`` and ``Targets``; pseudo-label quality when labels are given."""
@@ -80,6 +82,13 @@ class EpochStats:
             self.tp = self.tp + (pred & truth).sum()
             self.fp = self.fp + (pred & ~truth).sum()
             self.fn = self.fn + (~pred & truth).sum()
+            if diag.synthetic is not None:  # split by real and synthetic images: which of them the labels find
+                on_syn = diag.synthetic[torch.as_tensor(batch_idx)].to(pred.device)
+                on_syn = on_syn[:, None].expand(-1, positions.numel()).flatten()
+                for group, sel in (("real", ~on_syn), ("synthetic", on_syn)):
+                    counts = self.by_group[group]
+                    for i, hit in enumerate((pred & truth & sel, pred & ~truth & sel, ~pred & truth & sel)):
+                        counts[i] = counts[i] + hit.sum()
 
     def record(self, epoch: int, times: dict, diag: Diagnostics) -> dict:
         """The epoch's record for ``FunAD.fit``'s callback (see its docstring for the keys)."""
@@ -95,4 +104,14 @@ class EpochStats:
             tp, fp, fn = int(self.tp), int(self.fp), int(self.fn)
             out["pseudo_precision"] = tp / (tp + fp) if tp + fp else None
             out["pseudo_recall"] = tp / (tp + fn) if tp + fn else None
+            if diag.synthetic is not None:
+                # FUN-AD*: precision and recall on real and on synthetic images, and the share of all
+                # pseudo-anomalies that fall on synthetic images
+                for group, counts in self.by_group.items():
+                    tp, fp, fn = (int(c) for c in counts)
+                    out[f"pseudo_precision_{group}"] = tp / (tp + fp) if tp + fp else None
+                    out[f"pseudo_recall_{group}"] = tp / (tp + fn) if tp + fn else None
+                on_syn = sum(int(c) for c in self.by_group["synthetic"][:2])
+                total = on_syn + sum(int(c) for c in self.by_group["real"][:2])
+                out["pseudo_share_synthetic"] = on_syn / total if total else None
         return out

@@ -96,6 +96,26 @@ def test_diagnostics_are_reported():
         FunAD(small(epochs=1)).fit(planted(), diagnostics={"image_labels": np.zeros(3)})
 
 
+def test_diagnostics_split_real_and_synthetic_images():
+    """FUN-AD*: pseudo-label quality is also reported per group, and the groups add up to the pooled figures."""
+    syn = np.arange(N) % 2 == 1
+    patch_labels = np.repeat(syn[:, None], P, axis=1).astype(int)  # synthetic images wholly anomalous, real ones clean
+    records = []
+    FunAD(small(epochs=2)).fit(planted(), callback=records.append, synthetic=syn,
+                               diagnostics={"image_labels": syn.astype(int), "patch_labels": patch_labels})
+    r = records[-1]
+    assert r["pseudo_recall_real"] is None  # no real anomalous patch
+    assert r["pseudo_precision_synthetic"] in (1.0, None)
+    assert r["pseudo_precision_real"] in (0.0, None)
+    # every true positive is on a synthetic image, so the pooled precision is the synthetic share
+    assert r["pseudo_share_synthetic"] == pytest.approx(r["pseudo_precision"])
+    assert r["pseudo_recall_synthetic"] == pytest.approx(r["pseudo_recall"])
+    plain = []
+    FunAD(small(epochs=1)).fit(planted(), callback=plain.append,
+                               diagnostics={"image_labels": np.zeros(N, int), "patch_labels": np.zeros((N, P), int)})
+    assert "pseudo_share_synthetic" not in plain[-1]
+
+
 def test_same_seed_gives_identical_weights(fitted):
     model, _ = fitted
     again = FunAD(small()).fit(planted())
