@@ -33,6 +33,7 @@ ATTRS_BLOB = "attributes_json"
 CODECS = {"none": {}, "lzf": {"compression": "lzf"}, "gzip1": {"compression": "gzip", "compression_opts": 1}}
 FEATURE_CODEC = "none"
 SIDE_CODEC = "none"
+PREVIEW_CODEC = "none"
 
 
 def is_store(path: Path) -> bool:

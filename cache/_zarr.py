@@ -5,11 +5,15 @@ zarr's ``LocalStore`` does), so a chunk on disk is either the old one or the
 new one, never half of each. Together with the store writing an image's
 record after its data, this makes the directory crash-safe.
 
-Arrays chunked one image per chunk (features, records, masks, previews) are
-read and written as files by :meth:`ZarrBackend.read_rows` and
-:meth:`ZarrBackend.write_rows`: such a chunk file is exactly the row's
-little-endian bytes (zarr's ``bytes`` codec), or those bytes as one zstd frame
-(``bytes`` + ``zstd``, the masks and previews). Going around zarr's per-chunk
+Arrays chunked by whole rows (features, records, masks, previews: ``chunk_images``
+images per chunk, 16 by default, one in stores of cache format 2) are read and
+written as files by :meth:`ZarrBackend.read_rows` and
+:meth:`ZarrBackend.write_rows`: such a chunk file is exactly its rows'
+little-endian bytes (zarr's ``bytes`` codec; the last chunk padded with zeros
+as zarr pads edge chunks), or those bytes as one zstd frame (``bytes`` +
+``zstd``, the masks). Several images per file is what lets a writer keep up
+with the disk: creating a file costs about half a millisecond here, as much as
+writing an image's tokens (benchmarks/results/store.md). Going around zarr's per-chunk
 codec pipeline and event loop made reads several times faster, and writes of
 the zstd-compressed masks and previews about 2x cheaper in CPU per image
 (benchmarks/bench_store.py). Everything else goes through zarr.
@@ -47,6 +51,9 @@ CODECS = {
 }
 FEATURE_CODEC = "none"
 SIDE_CODEC = "zstd1"
+# Previews are photos: zstd saved little on them and cost about half a millisecond of CPU per image, a third of
+# what the disk takes to write an image's tokens (benchmarks/bench_store.py), so they are stored as they are.
+PREVIEW_CODEC = "none"
 
 
 def is_store(path: Path) -> bool:
@@ -106,12 +113,13 @@ class ZarrBackend:
         return (self.path / name / "zarr.json").is_file()
 
     def _row_codec(self, name: str):
-        """How a chunk of ``name`` maps to one row's bytes, or None when only zarr knows.
+        """How a chunk of ``name`` maps to its rows' bytes, or None when only zarr knows.
 
-        ``"plain"``: the chunk file is exactly the row's bytes in native order;
-        a :class:`numcodecs.zstd.Zstd`: the file is those bytes as one zstd frame
-        (zarr's ``bytes`` + ``zstd`` codecs). Both need one row per chunk, the
-        default chunk key and a fill value of 0.
+        ``"plain"``: the chunk file is exactly its rows' bytes in native order
+        (``chunk_images`` rows, the last chunk padded with zeros as zarr pads edge
+        chunks); a :class:`numcodecs.zstd.Zstd`: the file is those bytes as one
+        zstd frame (zarr's ``bytes`` + ``zstd`` codecs). Both need chunks of whole
+        rows, the default chunk key and a fill value of 0.
         """
         if name not in self._codec:
             arr = self.array(name)
@@ -121,7 +129,7 @@ class ZarrBackend:
                       and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder
                            or arr.dtype.itemsize == 1))
             layout_ok = (isinstance(meta.chunk_key_encoding, DefaultChunkKeyEncoding)
-                         and tuple(arr.chunks) == (1, *arr.shape[1:])
+                         and tuple(arr.chunks[1:]) == tuple(arr.shape[1:])
                          and float(np.asarray(meta.fill_value)) == 0.0)
             codec = None
             if native and layout_ok:
@@ -132,70 +140,113 @@ class ZarrBackend:
             self._codec[name] = codec
         return self._codec[name]
 
+    def chunk_rows(self, name: str) -> int:
+        """Rows (images) per chunk of ``name``."""
+        return int(self.array(name).chunks[0])
+
+    def _read_chunk(self, name: str, chunk: int, codec, out: np.ndarray, first: int = 0) -> None:
+        """Rows ``first:first + len(out)`` of chunk ``chunk`` into ``out`` (C-contiguous); a missing file reads
+        as zeros, a file of the wrong size or a bad zstd frame raises ValueError."""
+        g = self.chunk_rows(name)
+        row_bytes = out[0].nbytes if len(out) else 0
+        flat = out.reshape(-1).view(np.uint8)
+        try:
+            with open(self._chunk_path(name, chunk), "rb", buffering=0) as fh:
+                if codec == "plain":
+                    size = os.fstat(fh.fileno()).st_size
+                    if size != g * row_bytes:
+                        raise ValueError(f"chunk file has {size} bytes, expected {g * row_bytes}")
+                    if first:
+                        fh.seek(first * row_bytes)
+                    got = fh.readinto(flat)
+                    if got != flat.size:
+                        raise ValueError(f"chunk file ended after {got} of {flat.size} bytes")
+                    return
+                try:
+                    raw = codec.decode(fh.read())
+                except RuntimeError as exc:
+                    raise ValueError(f"chunk file is not a valid zstd frame ({exc})") from None
+        except FileNotFoundError:
+            out[...] = 0
+            return
+        if len(raw) != g * row_bytes:
+            raise ValueError(f"chunk file holds {len(raw)} bytes, expected {g * row_bytes}")
+        flat[:] = np.frombuffer(raw, np.uint8, count=flat.size, offset=first * row_bytes)
+
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
-        """Rows ``start:stop`` of ``name`` into ``out``; a missing chunk reads as zeros (the fill value),
-        a chunk file of the wrong size raises."""
+        """Rows ``start:stop`` of ``name`` into ``out``, one read per chunk file; a missing chunk reads as
+        zeros (the fill value), a chunk file of the wrong size raises."""
         codec = self._row_codec(name)
         if codec is None:
             out[...] = self.array(name)[start:stop]
             return
         if not out.flags.c_contiguous:  # rows are read into out's memory in place
             raise ValueError("read_rows needs a C-contiguous output array")
-        for k, i in enumerate(range(start, stop)):
-            row = out[k].reshape(-1).view(np.uint8)
-            try:
-                with open(self.chunk_location(name, i), "rb", buffering=0) as fh:
-                    if codec == "plain":
-                        got = fh.readinto(row)
-                        extra = fh.read(1)
-                    else:
-                        try:
-                            raw = codec.decode(fh.read())
-                        except RuntimeError as exc:
-                            raise ValueError(f"chunk file is not a valid zstd frame ({exc})") from None
-                        got, extra = len(raw), b""
-                        if got == row.size:
-                            row[:] = np.frombuffer(raw, np.uint8)
-            except FileNotFoundError:
-                out[k] = 0
-                continue
-            if got != row.size or extra:
-                raise ValueError(f"chunk file has {'more' if extra else got} bytes, expected {row.size}")
+        g = self.chunk_rows(name)
+        i = start
+        while i < stop:
+            chunk, first = divmod(i, g)
+            end = min(stop, (chunk + 1) * g)
+            self._read_chunk(name, chunk, codec, out[i - start:end - start], first)
+            i = end
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` as rows ``start:start + len(rows)`` of ``name``, one chunk file each.
+        """Write ``rows`` as rows ``start:start + len(rows)`` of ``name``, one chunk file at a time.
 
-        A compressed row of zeros (an empty mask) is not written and any old
-        chunk is removed, as zarr does with ``write_empty_chunks=False``: it reads
-        back as the fill value.
+        A chunk file is written whole, under a temporary name renamed into place.
+        Where ``rows`` cover only part of a chunk, its other rows are read from
+        the file first (the one process that owns a chunk writes it, so nothing
+        changes them meanwhile). A compressed chunk of zeros (empty masks) is not
+        written and any old file is removed, as zarr does with
+        ``write_empty_chunks=False``: it reads back as the fill value.
         """
         codec = self._row_codec(name)
         if codec is None:
             self.array(name)[start : start + len(rows)] = rows
             return
-        rows = np.ascontiguousarray(rows, dtype=self.array(name).dtype)
-        for k in range(len(rows)):
-            path = self.chunk_location(name, start + k)
-            raw = rows[k].reshape(-1).view(np.uint8)
-            if codec != "plain":
-                if not raw.any():
-                    path.unlink(missing_ok=True)
-                    continue
-                raw = codec.encode(raw)
-            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-            try:
-                with open(tmp, "wb", buffering=0) as fh:
-                    fh.write(raw)
-            except FileNotFoundError:  # first chunk under this index: make its folder
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb", buffering=0) as fh:
-                    fh.write(raw)
-            os.replace(tmp, path)
+        arr = self.array(name)
+        rows = np.ascontiguousarray(rows, dtype=arr.dtype)
+        g, n = self.chunk_rows(name), int(arr.shape[0])
+        stop = start + len(rows)
+        i = start
+        while i < stop:
+            chunk, first = divmod(i, g)
+            end = min(stop, (chunk + 1) * g)
+            lo, hi = chunk * g, min(n, (chunk + 1) * g)  # the chunk's rows that exist
+            if g == 1 or (i == lo and end == hi == lo + g):  # the whole chunk: write the rows as they are
+                data = rows[i - start:end - start]
+            else:  # part of it, or the padded last chunk
+                data = np.zeros((g, *arr.shape[1:]), arr.dtype)
+                if not (i == lo and end == hi):
+                    self._read_chunk(name, chunk, codec, data[:hi - lo])
+                data[first:first + end - i] = rows[i - start:end - start]
+            self._write_chunk(name, chunk, codec, data.reshape(-1).view(np.uint8))
+            i = end
+
+    def _write_chunk(self, name: str, chunk: int, codec, raw: np.ndarray) -> None:
+        path = self._chunk_path(name, chunk)
+        if codec != "plain":
+            if not raw.any():
+                path.unlink(missing_ok=True)
+                return
+            raw = codec.encode(raw)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb", buffering=0) as fh:
+                fh.write(raw)
+        except FileNotFoundError:  # first chunk under this index: make its folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb", buffering=0) as fh:
+                fh.write(raw)
+        os.replace(tmp, path)
+
+    def _chunk_path(self, name: str, chunk: int) -> Path:
+        arr = self.array(name)
+        return self.path.joinpath(name, *arr.metadata.encode_chunk_key((chunk, *[0] * (len(arr.shape) - 1))).split("/"))
 
     def chunk_location(self, name: str, i: int) -> Path:
-        """The file that holds image ``i`` of ``name`` (one image per chunk)."""
-        arr = self.array(name)
-        return self.path.joinpath(name, *arr.metadata.encode_chunk_key((i, *[0] * (len(arr.shape) - 1))).split("/"))
+        """The file that holds image ``i`` of ``name`` (with the other images of its chunk)."""
+        return self._chunk_path(name, i // self.chunk_rows(name))
 
     def chunk_exists(self, name: str, i: int) -> bool:
         return self.chunk_location(name, i).is_file()

@@ -45,6 +45,7 @@ def create(
     attributes: Optional[Mapping] = None,
     format: Optional[str] = None,
     overwrite: bool = False,
+    chunk_images: int = L.CHUNK_IMAGES,
 ) -> "FeatureStore":
     """Create an empty store (every image pending) and return it open for writing.
 
@@ -60,6 +61,9 @@ def create(
         attributes: store-level metadata (backbone, weights, layer, ...), JSON-serialisable.
         format: "zarr" or "hdf5"; default from the suffix (``.h5``/``.hdf5`` -> HDF5).
         overwrite: replace an existing store at ``path``; otherwise that raises CacheExistsError.
+        chunk_images: images per chunk (at most the number of images). A zarr store writes one file per
+            array and chunk; writers write whole chunks where they can, and processes writing one store
+            share it out by chunk. 1 is the layout of cache format 2.
 
     The store is built under a temporary name and renamed into place, so an
     interrupted creation never leaves a half-made store at ``path``.
@@ -73,12 +77,14 @@ def create(
         raise CacheMismatchError(f"dtype {dtype!r} is not supported; use one of {L.DTYPES}")
     if int(token_dim) <= 0:
         raise CacheMismatchError(f"token_dim must be positive, got {token_dim}")
+    if isinstance(chunk_images, bool) or not isinstance(chunk_images, (int, np.integer)) or chunk_images < 1:
+        raise CacheMismatchError(f"chunk_images must be a positive int, got {chunk_images!r}")
     grid_hw = L.pair(grid, "grid")
     mask_hw = L.pair(mask_size, "mask_size")
     preview_hw = None if preview_size is None else L.pair(preview_size, "preview_size")
     n, p, c = len(table), grid_hw[0] * grid_hw[1], int(token_dim)
     derived = L.derived_attrs(n_images=n, grid=grid_hw, token_dim=c, mask_size=mask_hw,
-                              preview_size=preview_hw, dtype=dtype)
+                              preview_size=preview_hw, dtype=dtype, chunk_images=chunk_images)
     attrs = L.merge_attributes(derived, attributes or {})
     attrs.setdefault("funad_version", _funad_version())
     attrs["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -113,15 +119,16 @@ def _build(mod, tmp: Path, n: int, p: int, c: int, dtype: str, mask_hw: tuple, p
     backend = mod.Backend(tmp, writable=True, create=True)
     try:
         fc, sc = mod.FEATURE_CODEC, mod.SIDE_CODEC
-        backend.create_array(L.PATCH_TOKENS, (n, p, c), dtype, (1, p, c), fc)
-        backend.create_array(L.CLASS_TOKENS, (n, c), dtype, (1, c), fc)
-        backend.create_array(L.MASKS, (n, *mask_hw), "uint8", (1, *mask_hw), sc)
+        g = int(attrs.get("chunk_images", 1))  # images per chunk: a writer writes whole chunks, ranks never share one
+        backend.create_array(L.PATCH_TOKENS, (n, p, c), dtype, (g, p, c), fc)
+        backend.create_array(L.CLASS_TOKENS, (n, c), dtype, (g, c), fc)
+        backend.create_array(L.MASKS, (n, *mask_hw), "uint8", (g, *mask_hw), sc)
         if preview_hw is not None:
-            backend.create_array(L.PREVIEWS, (n, *preview_hw, 3), "uint8", (1, *preview_hw, 3), sc)
-        backend.create_array(L.SKIP_REASONS, (n, L.SKIP_REASON_BYTES), "uint8", (1, L.SKIP_REASON_BYTES), sc)
-        backend.create_array(L.SOURCE_DIGESTS, (n, L.DIGEST_BYTES), "uint8", (1, L.DIGEST_BYTES), "none")
+            backend.create_array(L.PREVIEWS, (n, *preview_hw, 3), "uint8", (g, *preview_hw, 3), mod.PREVIEW_CODEC)
+        backend.create_array(L.SKIP_REASONS, (n, L.SKIP_REASON_BYTES), "uint8", (g, L.SKIP_REASON_BYTES), sc)
+        backend.create_array(L.SOURCE_DIGESTS, (n, L.DIGEST_BYTES), "uint8", (g, L.DIGEST_BYTES), "none")
         cols = len(L.RECORD_COLUMNS)
-        backend.create_array(L.RECORDS, (n, cols), "uint64", (1, cols), "none")  # one chunk per image
+        backend.create_array(L.RECORDS, (n, cols), "uint64", (g, cols), "none")  # written with the images' data
         backend.create_array(L.RECORDS_SNAPSHOT, (n, cols), "uint64", (n, cols), "none")
         backend.create_array(L.SNAPSHOT_VALID, (1,), "uint8", (1,), "none")
         # explicit zeros (every image pending): HDF5 arrays are allocated unfilled

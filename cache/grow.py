@@ -8,8 +8,9 @@ the old one, under a temporary name, and then swaps the two:
 * the rows of the images kept are carried over unchanged with their records
   (status and checksums), so they stay complete and verifiable; appended
   images start pending and are written like any other;
-* zarr: each kept image's chunk files are hard-linked into the new store (no
-  data is copied; a filesystem without hard links gets copies), and the two
+* zarr: the kept images' chunk files are hard-linked into the new store where
+  a chunk keeps the same images (no data is copied; a filesystem without hard
+  links gets copies; chunks after a dropped image are rewritten), and the two
   folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux;
   elsewhere two renames, with a window of microseconds in which the store's
   path is empty);
@@ -84,7 +85,8 @@ def grow(store, *, add: Sequence[Mapping] = (), missing: Optional[Sequence[int]]
     attrs[L.MISSING_FROM_SOURCE] = marks
     attrs["table_changed_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     derived = L.derived_attrs(n_images=len(table), grid=store.grid, token_dim=store.token_dim,
-                              mask_size=store.mask_size, preview_size=store.preview_size, dtype=store.dtype)
+                              mask_size=store.mask_size, preview_size=store.preview_size, dtype=store.dtype,
+                              chunk_images=store.chunk_images if store.version >= 3 else L.CHUNK_IMAGES)
     attrs = L.merge_attributes(derived, attrs)
 
     path, mod = Path(store.path), BACKENDS[store.format]
@@ -123,12 +125,23 @@ def grow(store, *, add: Sequence[Mapping] = (), missing: Optional[Sequence[int]]
 
 
 def _carry_rows(old, new, name: str, keep: np.ndarray) -> None:
-    """Rows ``keep`` of ``old``'s array ``name`` become rows ``0..len(keep)-1`` of ``new``'s."""
-    if old.format == "zarr" and _same_encoding(old.array(name), new.array(name)):
-        if keep.size:
-            new.chunk_location(name, 0).parent.mkdir(parents=True, exist_ok=True)  # one folder per array
-        for k, i in enumerate(keep.tolist()):
-            src, dst = old.chunk_location(name, i), new.chunk_location(name, k)
+    """Rows ``keep`` of ``old``'s array ``name`` become rows ``0..len(keep)-1`` of ``new``'s.
+
+    zarr, same encoding: a chunk of the new store whose rows are exactly a whole chunk of the old one (the
+    kept images before the first dropped one, in full chunks) is hard-linked; the other rows are copied.
+    """
+    g = int(new.array(name).chunks[0]) if new.format == "zarr" else 1
+    copy = np.ones(keep.size, dtype=bool)
+    if old.format == "zarr" and _same_encoding(old.array(name), new.array(name)) and keep.size:
+        n_old = int(old.array(name).shape[0])
+        new.chunk_location(name, 0).parent.mkdir(parents=True, exist_ok=True)  # one folder per array
+        for c in range(keep.size // g):
+            rows = keep[c * g : (c + 1) * g]
+            first = int(rows[0])
+            if first % g or not np.array_equal(rows, np.arange(first, first + g)) or first + g > n_old:
+                continue
+            copy[c * g : (c + 1) * g] = False
+            src, dst = old.chunk_location(name, first), new.chunk_location(name, c * g)
             try:
                 _link(src, dst)  # chunk files are replaced, never written in place, so sharing is safe
             except FileNotFoundError:
@@ -136,21 +149,23 @@ def _carry_rows(old, new, name: str, keep: np.ndarray) -> None:
             except OSError:  # no hard links here (or across devices): copy
                 if src.is_file():
                     shutil.copyfile(src, dst)
-        return
     arr = old.array(name)
-    for s in range(0, keep.size, _ROWS_PER_COPY):
-        part = keep[s : s + _ROWS_PER_COPY]
+    rest = np.flatnonzero(copy)
+    for s in range(0, rest.size, _ROWS_PER_COPY):
+        at = rest[s : s + _ROWS_PER_COPY]  # positions in the new store
+        part = keep[at]
         buf = np.empty((part.size, *arr.shape[1:]), arr.dtype)
         for start, stop, pos in L.runs(part):
             old.read_rows(name, start, stop, buf[pos])
-        new.write_rows(name, s, buf)
+        for start, _, pos in L.runs(at):
+            new.write_rows(name, start, buf[pos])
 
 
 def _same_encoding(a, b) -> bool:
-    """Whether two zarr arrays store a row in identical chunk files (all metadata but the shape agree)."""
+    """Whether two zarr arrays store a chunk in identical files (all metadata but the shape agree)."""
     da, db = a.metadata.to_dict(), b.metadata.to_dict()
     da.pop("shape"), db.pop("shape")
-    return da == db and tuple(a.chunks) == (1, *a.shape[1:])
+    return da == db
 
 
 def _swap(tmp: Path, path: Path) -> None:

@@ -13,7 +13,9 @@ import numpy as np
 
 from .errors import CacheMismatchError
 
-CACHE_VERSION = 2  # 2: per-image records (status + checksums); 1: one status array, read-only now
+CACHE_VERSION = 3  # 3: several images per chunk; 2: per-image records (status + checksums), one image per chunk;
+# 1: one status array, read-only now
+CHUNK_IMAGES = 16  # images per chunk (and per chunk file of a zarr store) in a new store; 1 before version 3
 
 # status values, written last for each image
 PENDING, COMPLETE, SKIPPED = 0, 1, 2
@@ -30,7 +32,7 @@ CLASS_TOKENS = "class_tokens"  # (N, C)
 MASKS = "masks"  # (N, H, W) uint8 in {0, 1}
 PREVIEWS = "previews"  # (N, h, w, 3) uint8; absent for imported features
 STATUS = "status"  # (N,) int8, cache format 1 only (one chunk for all images)
-RECORDS = "records"  # (N, len(RECORD_COLUMNS)) uint64, one chunk per image: status + checksums
+RECORDS = "records"  # (N, len(RECORD_COLUMNS)) uint64, chunked as the images: status + checksums
 RECORDS_SNAPSHOT = "records_snapshot"  # the same in one chunk, refreshed when a writer closes
 SNAPSHOT_VALID = "records_snapshot_valid"  # (1,) uint8: 1 when the snapshot equals the records
 SKIP_REASONS = "skip_reasons"  # (N, SKIP_REASON_BYTES) uint8, UTF-8, zero padded
@@ -45,12 +47,14 @@ RECORD_COLUMNS = ("status", PATCH_TOKENS, CLASS_TOKENS, MASKS, PREVIEWS)
 
 # Keys the store derives itself; a writer may repeat them in `attributes` only with equal values.
 DERIVED_KEYS = ("grid", "n_patches", "token_dim", "feature_dim", "dtype", "mask_size", "preview_size",
-                "n_images", "cache_version")
+                "n_images", "cache_version", "chunk_images")
 # Attribute: sorted indices of the images whose file was no longer in the dataset folder at the last
 # `funad extract` (their rows are kept until `--prune-missing`; see funad.cache.grow).
 MISSING_FROM_SOURCE = "missing_from_source"
 # Keys that do not change what the features are; left out of the fingerprint.
-VOLATILE_KEYS = ("funad_version", "dataset_root", "created_at", "table_changed_at", MISSING_FROM_SOURCE)
+# chunk_images is how the rows are laid out on disk, not what they hold.
+VOLATILE_KEYS = ("funad_version", "dataset_root", "created_at", "table_changed_at", MISSING_FROM_SOURCE,
+                 "chunk_images")
 
 Pair = Union[int, Sequence[int]]
 
@@ -111,7 +115,8 @@ def jsonable(value: Any) -> Any:
 
 
 def derived_attrs(*, n_images: int, grid: tuple[int, int], token_dim: int, mask_size: tuple[int, int],
-                  preview_size, dtype: str) -> dict:
+                  preview_size, dtype: str, chunk_images: int = CHUNK_IMAGES) -> dict:
+    chunk_images = max(1, min(int(chunk_images), n_images))  # HDF5 wants chunks no larger than the array
     return {
         "grid": list(grid),
         "n_patches": grid[0] * grid[1],
@@ -122,6 +127,7 @@ def derived_attrs(*, n_images: int, grid: tuple[int, int], token_dim: int, mask_
         "preview_size": None if preview_size is None else list(preview_size),
         "n_images": n_images,
         "cache_version": CACHE_VERSION,
+        "chunk_images": chunk_images,
     }
 
 

@@ -16,12 +16,14 @@ token width C:
 * the sample table (path, split, label, defect type per image) and the
   store-level attributes (backbone, weights, pre-processing, grid...).
 
-Arrays are chunked one image per chunk. An image's record is written after
+Arrays are chunked ``chunk_images`` images per chunk (16 from cache format 3
+on, one before), so a zarr store writes one file per array and chunk, not per
+image. An image's record is written after
 its data (:mod:`funad.cache.writing`), so a process killed mid-write leaves
 that image pending, never complete with partial data; reads refuse any image
 that is not complete or does not match its checksums
 (:mod:`funad.cache.reading`). One run writes a store at a time
-(:mod:`funad.cache.lock`); within it, processes may write different images.
+(:mod:`funad.cache.lock`); within it, processes may write different chunks.
 """
 
 from __future__ import annotations
@@ -252,8 +254,18 @@ class FeatureStore(StoreReading, StoreWriting):
         return np.flatnonzero(keep)
 
     @property
+    def chunk_images(self) -> int:
+        """Images per chunk: a writer writes whole chunks where it can, and processes writing one store
+        (torch.distributed ranks) must share it out by chunk (1 in stores from before cache format 3)."""
+        return int(self._attrs.get("chunk_images", 1))
+
+    def chunks(self, indices) -> np.ndarray:
+        """The chunk of each image in ``indices``."""
+        return self._check_indices(indices) // self.chunk_images
+
+    @property
     def version(self) -> int:
-        """The cache format: 2 (per-image records and checksums), or 1 (older: read-only)."""
+        """The cache format: 3 (several images per chunk), 2 (one image per chunk), or 1 (older: read-only)."""
         return self._version
 
     @property

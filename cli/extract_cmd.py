@@ -55,11 +55,14 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
                    "Perlin-noise regions filled with a texture from another training image, stored as the split "
                    "'synthetic' with their masks; a preview grid NAME.synthetic.png is written beside the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic images.")
+@click.option("--chunk-images", type=click.IntRange(min=1), default=None,
+              help="Images per chunk of a new store [default: 16]: a zarr store writes one file per array and "
+                   "chunk, and torchrun ranks share the images out by chunk. An existing store keeps its own.")
 @user_errors
 def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Optional[Path], layer: Optional[int],
             image_size: Optional[int], geometry: str, device: str, batch_size: Optional[int], precision: str,
             fmt: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
-            prune_missing: bool, synthetic: Optional[float], seed: int) -> None:
+            prune_missing: bool, synthetic: Optional[float], seed: int, chunk_images: Optional[int]) -> None:
     """Run the backbone once over DATA and store its features in OUTPUT.
 
     Re-running on the same OUTPUT resumes: finished images are kept (after a
@@ -82,7 +85,7 @@ def extract(data: Path, output: Path, dataset: str, backbone: str, weights: Opti
         result = run_extract(data, output, dataset=dataset, backbone=spec, device=device, batch_size=batch_size,
                              precision=precision, format=fmt, dtype=dtype, num_workers=num_workers,
                              skip_bad=skip_bad, overwrite=overwrite, geometry=geometry, prune_missing=prune_missing,
-                             synthetic=synthetic, seed=seed,
+                             synthetic=synthetic, seed=seed, chunk_images=chunk_images,
                              progress=progress)
     if rank != 0:
         return

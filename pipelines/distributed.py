@@ -37,6 +37,16 @@ class Group:
     def leader(self) -> bool:
         return self.rank == 0
 
+    def share(self, indices, chunk_images: int = 1):
+        """This process's share of ``indices`` (sorted image indices): whole chunks of ``chunk_images``
+        images, dealt out in turn, so that no two processes ever write the same chunk of the store."""
+        import numpy as np
+
+        indices = np.asarray(indices, dtype=np.int64)
+        chunks = indices // max(1, int(chunk_images))
+        mine = np.unique(chunks)[self.rank :: self.world]
+        return indices[np.isin(chunks, mine)]
+
     def _broadcast(self, obj):
         if self.world == 1:
             return obj

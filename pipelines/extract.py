@@ -110,6 +110,7 @@ def extract(
     geometry: str = DEFAULT_GEOMETRY,
     synthetic: Optional[float] = None,
     seed: int = 0,
+    chunk_images: Optional[int] = None,
     progress: Progress = NullProgress(),
 ) -> ExtractResult:
     """Extract backbone features of every image of ``data`` into the store ``output``.
@@ -133,6 +134,8 @@ def extract(
             see :mod:`funad.pipelines.geometry`. An existing store made with another one is refused.
         synthetic, seed: add ``round(synthetic * n_train)`` FUN-AD* synthetic anomalies made with ``seed``
             (:mod:`funad.pipelines.synthetic`) after the real images, and write their preview grid beside the store.
+        chunk_images: images per chunk of a new store (None: ``funad.cache.layout.CHUNK_IMAGES``); an
+            existing store keeps its own.
 
     Returns an :class:`ExtractResult`. Raises :class:`DatasetError` for a bad
     dataset or an unreadable image (without ``skip_bad``), :class:`BackboneError`
@@ -145,13 +148,15 @@ def extract(
         raise PipelineError(f"--num-workers must be 0 or more, got {num_workers}")
     if synthetic is not None:
         synth.check_ratio(synthetic)
+    if chunk_images is not None and chunk_images < 1:
+        raise PipelineError(f"--chunk-images must be at least 1, got {chunk_images}")
     group = distributed.join()
     try:
         result = _extract(group, Path(data), Path(output), dataset=dataset, backbone=backbone, device=device,
                           batch_size=batch_size, precision=precision, format=format, dtype=dtype,
                           num_workers=num_workers, skip_bad=skip_bad, overwrite=overwrite,
                           prune_missing=prune_missing, geometry=geometry, synthetic=synthetic, seed=seed,
-                          progress=progress)
+                          chunk_images=chunk_images, progress=progress)
     finally:
         group.close()
     if synthetic is not None and group.leader:
@@ -163,7 +168,8 @@ def extract(
 def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str,
              backbone: Union[BackboneSpec, Backbone], device: str, batch_size: Optional[int], precision: str,
              format: Optional[str], dtype: str, num_workers: Optional[int], skip_bad: bool, overwrite: bool,
-             prune_missing: bool, geometry: str, synthetic: Optional[float], seed: int, progress: Progress) -> ExtractResult:
+             prune_missing: bool, geometry: str, synthetic: Optional[float], seed: int, chunk_images: Optional[int],
+             progress: Progress) -> ExtractResult:
     """:func:`extract` in one of ``group.world`` processes: rank 0 creates or checks the store and
     redoes damaged images, every rank extracts its share of the pending images, rank 0 closes."""
     if group.world > 1 and cache.infer_format(output, format) == "hdf5":
@@ -198,7 +204,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
     # rank 0 holds the writer lock for the whole run; the other ranks write without it
     # (rank 0 also brings the store's sample table in line with the folder: new, removed, renamed files)
     opened = group.leader_runs(lambda: _open_store(output, records, geom, bb, attributes, dtype=dtype,
-                                                   format=format,
+                                                   format=format, chunk_images=chunk_images,
                                                    overwrite=overwrite, root=root, prune=prune_missing))
     store, table = opened or (cache.open(output, "a", format=format, lock=False), None)
     try:
@@ -208,7 +214,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         pending = np.union1d(np.flatnonzero(~store.complete), damaged).astype(np.int64)
         pending = np.setdiff1d(pending, store.missing_from_source)  # no file to extract them from
         samples = extract_table.aligned(store, samples)  # by store index (appended images come last)
-        result = _run(store, root, samples, bb, geom, pending[group.rank :: group.world], plan, skip_bad=skip_bad,
+        result = _run(store, root, samples, bb, geom, group.share(pending, store.chunk_images), plan, skip_bad=skip_bad,
                       batch_size=default_batch_size(bb.device) if batch_size is None else batch_size,
                       num_workers=default_num_workers(bb.device) if num_workers is None else num_workers,
                       progress=progress)
@@ -240,12 +246,13 @@ def _precheck(output: Path, format: Optional[str], requested: dict, records: lis
 
 
 def _open_store(output: Path, records: list[dict], geom: Geometry, bb: Backbone, attributes: dict, *, dtype: str,
-                format: Optional[str], overwrite: bool, root: Path, prune: bool):
+                format: Optional[str], overwrite: bool, root: Path, prune: bool, chunk_images: Optional[int] = None):
     """``(store, TableReport or None)``: a new store, or the existing one with its table synced to ``records``."""
     if overwrite or not (output.exists() or output.is_symlink()):
         return cache.create(output, samples=records, grid=geom.grid, token_dim=bb.token_dim,
                             mask_size=geom.frame, preview_size=geom.preview_size,
-                            dtype=dtype, attributes=attributes, format=format, overwrite=overwrite), None
+                            dtype=dtype, attributes=attributes, format=format, overwrite=overwrite,
+                            chunk_images=chunk_images or cache.layout.CHUNK_IMAGES), None
     store = cache.open(output, "a", format=format)
     try:
         _check_resumable(store, {k: attributes.get(k) for k in (*RESUME_KEYS, "synthetic")}, records)
@@ -301,7 +308,7 @@ def _run(store, root: Path, samples: list[Sample], bb: Backbone, geom: Geometry,
         pin_memory=bb.device.type == "cuda")
     out_dtype = torch.float16 if store.dtype == "float16" else torch.float32
     start = time.perf_counter()
-    writer = BatchWriter(store, task)
+    writer = BatchWriter(store, task, pending)
     try:
         for batch in loader:
             for index, reason in batch["bad"]:

@@ -108,17 +108,62 @@ def collate(items: list[dict]) -> dict:
 
 
 class BatchWriter:
-    """A thread that writes batches to the store in order; errors surface in the caller's thread."""
+    """A thread that writes batches to the store in order; errors surface in the caller's thread.
 
-    def __init__(self, store, task, max_batches: int = WRITE_QUEUE_BATCHES) -> None:
+    With ``pending`` (the images this process will write, in order), batches are
+    held back until every pending image of a store chunk has arrived, and whole
+    chunks are written at once: a zarr store then writes each chunk file once,
+    instead of reading it back to add a second batch. Whatever is held is written
+    by :meth:`close`, also when extraction stops early.
+    """
+
+    ARRAYS = ("patch_tokens", "class_tokens", "masks", "previews", "digests")
+
+    def __init__(self, store, task, pending=None, max_batches: int = WRITE_QUEUE_BATCHES) -> None:
         self._store = store
         self._task = task
         self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.error: Optional[BaseException] = None
         self.written = 0
         self.skipped = 0
+        self._g = int(getattr(store, "chunk_images", 1))
+        self._waiting: dict[int, int] = {}  # chunk -> pending images not arrived yet
+        if pending is not None and self._g > 1:
+            chunks, counts = np.unique(np.asarray(pending, dtype=np.int64) // self._g, return_counts=True)
+            self._waiting = dict(zip(chunks.tolist(), counts.tolist()))
+        self._held: list[tuple[dict, np.ndarray]] = []  # (payload, positions of its images still to write)
         self._thread = threading.Thread(target=self._run, name="funad-extract-writer", daemon=True)
         self._thread.start()
+
+    def _arrived(self, indices) -> None:
+        for c in (np.asarray(indices, dtype=np.int64) // self._g).tolist():
+            if c in self._waiting:
+                self._waiting[c] -= 1
+
+    def _write_ready(self, everything: bool = False) -> None:
+        """Write the held images whose chunk has no pending image left (all of them with ``everything``)."""
+        parts = []
+        for payload, pos in self._held:
+            chunks = np.asarray(payload["indices"], dtype=np.int64)[pos] // self._g
+            ready = np.array([everything or self._waiting.get(c, 0) <= 0 for c in chunks.tolist()], dtype=bool)
+            parts.append((payload, pos[ready], pos[~ready]))
+        self._held = [(payload, rest) for payload, _, rest in parts if rest.size]
+        go = [(payload, pos) for payload, pos, _ in parts if pos.size]
+        if not go:
+            return
+        if len(go) == 1 and go[0][1].size == len(go[0][0]["indices"]):  # one whole batch: no copy
+            batch = go[0][0]
+        else:
+            batch = {"indices": np.concatenate([np.asarray(p["indices"])[pos] for p, pos in go])}
+            for key in self.ARRAYS:
+                if all(p.get(key) is not None for p, _ in go):
+                    batch[key] = np.concatenate([np.asarray(p[key])[pos] for p, pos in go])
+        n = len(batch["indices"])
+        self._store.write_batch(batch["indices"], patch_tokens=batch["patch_tokens"],
+                                class_tokens=batch["class_tokens"], masks=batch.get("masks"),
+                                previews=batch.get("previews"), digests=batch.get("digests"))
+        self.written += n
+        self._task.advance(n)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -131,13 +176,17 @@ class BatchWriter:
                     self._store.mark_skipped(index, reason)
                     self.skipped += 1
                     self._task.advance(1)
+                    self._arrived([index])
                 else:
-                    self._store.write_batch(payload["indices"], patch_tokens=payload["patch_tokens"],
-                                            class_tokens=payload["class_tokens"], masks=payload["masks"],
-                                            previews=payload["previews"], digests=payload.get("digests"))
-                    self.written += len(payload["indices"])
-                    self._task.advance(len(payload["indices"]))
+                    self._arrived(payload["indices"])
+                    self._held.append((payload, np.arange(len(payload["indices"]))))
+                self._write_ready()
             except BaseException as exc:  # re-raised in the main thread by put()/close()
+                self.error = exc
+        if self.error is None:
+            try:
+                self._write_ready(everything=True)
+            except BaseException as exc:
                 self.error = exc
 
     def put(self, kind: str, payload) -> None:

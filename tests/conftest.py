@@ -36,8 +36,12 @@ def build_tiny_store(
     complete: bool = True,
     seed: int = 0,
     attributes: Optional[dict] = None,
+    chunk_images: int = 4,
 ) -> Path:
     """Write a small store with planted anomalies and return its path.
+
+    ``chunk_images`` is small by default so that tests see several chunks and a
+    padded last one (10 images: chunks of 4, 4 and 2).
 
     Train images are normal (label 0, "good"). Test images alternate good /
     "defect" (label 1); a defect image has one patch (a different one per image)
@@ -73,7 +77,8 @@ def build_tiny_store(
              "dataset_kind": "synthetic", "dataset_root": str(path.parent), **(attributes or {})}
     done = n - 1 if not complete else n
     with cache.create(path, samples=samples, grid=grid, token_dim=token_dim, mask_size=mask_size,
-                      preview_size=preview_size, dtype=dtype, attributes=attrs, format=format) as store:
+                      preview_size=preview_size, dtype=dtype, attributes=attrs, format=format,
+                      chunk_images=chunk_images) as store:
         idx = np.arange(done)
         store.write_batch(idx, patch_tokens=patches[idx], class_tokens=class_tokens[idx], masks=masks[idx],
                           previews=None if previews is None else previews[idx])
@@ -85,7 +90,7 @@ def tiny_store(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``tiny_store(name="tiny.zarr", **options) -> Path`` of a small synthetic store in ``tmp_path``.
 
     Options are those of :func:`build_tiny_store` (n_train, n_test, grid, token_dim, mask_size,
-    preview_size, dtype, format, complete, seed, attributes). Use a ``.h5`` name for HDF5.
+    preview_size, dtype, format, complete, seed, attributes, chunk_images). Use a ``.h5`` name for HDF5.
     """
 
     def make(name: str = "tiny.zarr", **options) -> Path:

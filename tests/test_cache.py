@@ -82,23 +82,62 @@ def test_round_trip(tmp_path, name):
         assert store.indices(split="test").tolist() == [4]
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_chunks_of_several_images_written_in_any_order(tmp_path, name):
+    """Chunks of 2 images over 5 (the last one padded): writes of single images, of runs across chunks and
+    of whole chunks, in any order, keep every other image's rows; zarr itself reads the same arrays."""
+    rng = np.random.default_rng(3)
+    n = 5
+    patches = rng.normal(size=(n, 6, 4)).astype(np.float16)
+    cls = rng.normal(size=(n, 4)).astype(np.float16)
+    masks = rng.integers(0, 2, size=(n, 8, 6)).astype(np.uint8)
+    path = tmp_path / name
+    with _create(path, n=n, chunk_images=2) as store:
+        assert store.chunk_images == 2 and store.version == 3 and store.chunks([0, 1, 2, 4]).tolist() == [0, 0, 1, 2]
+        for batch in ([3], [4], [0, 1, 2]):  # half a chunk, the padded last chunk, a chunk and a half
+            store.write_batch(batch, patch_tokens=patches[batch], class_tokens=cls[batch], masks=masks[batch])
+        store.write(3, patch_tokens=patches[3], class_token=cls[3], mask=masks[3])  # overwrite one of a pair
+    with cache.open(path) as store:
+        assert store.complete.all() and store.verify() == []
+        np.testing.assert_array_equal(store.read_patch_tokens(range(n)), patches)
+        np.testing.assert_array_equal(store.read_masks(range(n)), masks)
+    if name.endswith(".zarr"):
+        import zarr
+
+        np.testing.assert_array_equal(zarr.open_array(str(path / "patch_tokens"), mode="r")[:], patches)
+        np.testing.assert_array_equal(zarr.open_array(str(path / "class_tokens"), mode="r")[:], cls)
+        files = sorted(f for f in os.listdir(path / "patch_tokens") if f != "zarr.json")
+        assert files == ["c.0.0.0", "c.1.0.0", "c.2.0.0"]  # one file per chunk, the last padded to 2 rows
+        assert {(path / "patch_tokens" / f).stat().st_size for f in files} == {2 * 6 * 4 * 2}
+
+
+def test_chunk_images_is_checked_and_left_out_of_the_fingerprint(tmp_path):
+    with pytest.raises(cache.CacheMismatchError, match="chunk_images must be a positive int, got 0"):
+        _create(tmp_path / "bad.zarr", chunk_images=0)
+    with _create(tmp_path / "a.zarr", chunk_images=1) as a, _create(tmp_path / "b.zarr", chunk_images=3) as b:
+        assert (a.chunk_images, b.chunk_images) == (1, 3) and a.fingerprint() == b.fingerprint()
+    with _create(tmp_path / "c.zarr", n=2, chunk_images=16) as c:
+        assert c.chunk_images == 2  # never more than the images
+
+
 def test_compressed_rows_written_around_zarr_are_zarr_chunks(tmp_path):
-    """Masks and previews are written and read as zstd chunk files without zarr's pipeline: zarr itself
-    must read what we write, we must read what zarr writes, and an empty mask leaves no chunk file."""
+    """Masks (zstd) and previews (plain) are written and read as chunk files of several images without
+    zarr's pipeline: zarr itself must read what we write, we must read what zarr writes, and a chunk of
+    empty masks leaves no chunk file."""
     import zarr
 
     rng = np.random.default_rng(1)
     masks = rng.integers(0, 2, size=(4, 8, 6)).astype(np.uint8)
-    masks[2] = 0
+    masks[2:] = 0
     previews = rng.integers(0, 256, size=(4, 4, 4, 3), dtype=np.uint8)
     path = tmp_path / "s.zarr"
-    with _create(path) as store:
+    with _create(path, chunk_images=2) as store:
         patches, cls = _tokens(0)
         store.write_batch(range(4), patch_tokens=np.stack([patches] * 4), class_tokens=np.stack([cls] * 4),
                           masks=masks, previews=previews)
     np.testing.assert_array_equal(zarr.open_array(str(path / "masks"), mode="r")[:], masks)
     np.testing.assert_array_equal(zarr.open_array(str(path / "previews"), mode="r")[:], previews)
-    assert not (path / "masks/c.2.0.0").exists() and (path / "masks/c.1.0.0").is_file()
+    assert not (path / "masks/c.1.0.0").exists() and (path / "masks/c.0.0.0").is_file()
 
     # the other way: rows written by zarr's own pipeline (as earlier funad versions did) read back the same
     other = rng.integers(0, 2, size=(8, 6)).astype(np.uint8)
@@ -406,17 +445,18 @@ def test_row_checksums_see_every_kind_of_damage():
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
-    path = tiny_store(name)
+    path = tiny_store(name)  # chunks of 4 images
     with cache.open(path) as store:
         original = store.read_features(np.arange(store.n_images))
         p = store.n_patches * store.token_dim
     if name.endswith(".zarr"):
-        (path / "patch_tokens/c.2.0.0").unlink()  # zarr would read the fill value, zeros
-        chunk = path / "class_tokens/c.4.0"
+        (path / "patch_tokens/c.0.0.0").unlink()  # images 0-3; zarr would read the fill value, zeros
+        chunk = path / "class_tokens/c.1.0"  # images 4-7
         raw = bytearray(chunk.read_bytes())
-        raw[3] ^= 0x40
+        raw[3] ^= 0x40  # a byte of image 4's row
         chunk.write_bytes(bytes(raw))
-        where_2, where_4 = "patch_tokens/c.2.0.0 is missing", "class_tokens/c.4.0 does not match its checksum"
+        where_2, where_4 = "patch_tokens/c.0.0.0 is missing", "class_tokens/c.1.0 does not match its checksum"
+        bad, good = [0, 1, 2, 3, 4], [5, 6, 8]
     else:
         import h5py
 
@@ -425,49 +465,50 @@ def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
             f["class_tokens"][4, 1] = -3.0
         where_2 = "row 2 of dataset 'patch_tokens' in .*does not match its checksum"
         where_4 = "row 4 of dataset 'class_tokens'.*does not match"
+        bad, good = [2, 4], [0, 1, 3]
     with cache.open(path) as store:
-        np.testing.assert_array_equal(store.read_features([0, 1, 3]), original[[0, 1, 3]])
+        np.testing.assert_array_equal(store.read_features(good), original[good])
         with pytest.raises(cache.CorruptCacheError, match=rf"image 2 'train/good/002.png' is damaged: .*{where_2}"):
-            store.read_features([1, 2])
+            store.read_features([2, 5])
         with pytest.raises(cache.CorruptCacheError, match="cache verify"):
             store.read_class_tokens([4])
         damaged = store.verify(chunk=3)
-    assert [d["index"] for d in damaged] == [2, 4] and p > 0
-    assert re.search(where_2, damaged[0]["problems"][0]) and re.search(where_4, damaged[1]["problems"][0])
+    assert [d["index"] for d in damaged] == bad and p > 0
+    assert re.search(where_2, damaged[bad.index(2)]["problems"][0])
+    assert re.search(where_4, damaged[bad.index(4)]["problems"][-1])
 
 
 def test_an_undecodable_compressed_chunk_is_reported(tiny_store):
     path = tiny_store("t.zarr")
-    chunk = path / "previews/c.3.0.0.0"  # zstd-compressed
+    chunk = path / "masks/c.2.0.0"  # zstd-compressed masks of images 8 and 9 (9 has a defect)
     chunk.write_bytes(chunk.read_bytes()[:-6])
     with cache.open(path) as store:
-        with pytest.raises(cache.CorruptCacheError, match=r"image 3 .*previews/c\.3\.0\.0\.0 cannot be read"):
-            store.read_previews([2, 3])
-        assert [d["index"] for d in store.verify()] == [3]
-        store.read_features([3])  # the features of that image are fine
+        with pytest.raises(cache.CorruptCacheError, match=r"image 8 .*masks/c\.2\.0\.0 cannot be read"):
+            store.read_masks([7, 8])
+        assert [d["index"] for d in store.verify()] == [8, 9]
+        store.read_features([8])  # the features of that image are fine
 
 
 def test_cache_verify_cli_lists_damaged_images(tiny_store):
     path = tiny_store("t.zarr")
     ok = CliRunner().invoke(cache_cli, ["verify", str(path)])
     assert ok.exit_code == 0 and "all 10 complete images match their checksums" in ok.output
-    (path / "patch_tokens/c.1.0.0").unlink()
-    (path / "patch_tokens/c.6.0.0").unlink()
+    (path / "patch_tokens/c.2.0.0").unlink()  # the last chunk: images 8 and 9
     res = CliRunner().invoke(cache_cli, ["verify", str(path)])
     assert res.exit_code == 1 and "2 of 10 complete images are damaged" in res.output, res.output
-    assert "1  train/good/001.png" in res.output and "6  test/good/000.png" in res.output
+    assert "8  test/good/002.png" in res.output and "9  test/defect/003.png" in res.output
     assert "Traceback" not in res.output
     res = CliRunner().invoke(cache_cli, ["verify", "--json", str(path)])
-    assert [d["index"] for d in json.loads(res.output)["damaged"]] == [1, 6]
+    assert [d["index"] for d in json.loads(res.output)["damaged"]] == [8, 9]
     res = CliRunner().invoke(cache_cli, ["info", str(path)])
     assert res.exit_code == 0  # info reads no features
 
 
-# -- records: one chunk per image, a snapshot for fast opening ------------------------------------
+# -- records: one chunk per chunk of images, a snapshot for fast opening ------------------------------------
 def test_records_snapshot_is_refreshed_by_the_lock_holder(tmp_path):
     path = tmp_path / "s.zarr"
     patches, cls = _tokens(0)
-    with _create(path) as writer:
+    with _create(path, chunk_images=2) as writer:
         assert int(writer._b.array("records_snapshot_valid")[0]) == 1  # all pending, as created
         writer.write(1, patch_tokens=patches, class_token=cls)
         assert int(writer._b.array("records_snapshot_valid")[0]) == 0  # stale while writing
@@ -480,7 +521,7 @@ def test_records_snapshot_is_refreshed_by_the_lock_holder(tmp_path):
         assert int(store._b.array("records_snapshot_valid")[0]) == 1
         np.testing.assert_array_equal(store._b.array("records_snapshot")[:], store._b.array("records")[:])
         assert store.status.tolist() == [0, 1, 0, 1]
-    assert sorted(f for f in os.listdir(path / "records") if f != "zarr.json") == ["c.1.0", "c.3.0"]  # one per image
+    assert sorted(f for f in os.listdir(path / "records") if f != "zarr.json") == ["c.0.0", "c.1.0"]  # per chunk
 
 
 # -- the writer lock ---------------------------------------------------------------------------

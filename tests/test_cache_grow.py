@@ -46,7 +46,10 @@ def test_verify_covers_appended_images(tiny_store):
     path = tiny_store("t.zarr")
     with cache.grow(cache.open(path, "a"), add=NEW) as store:
         store.write(10, patch_tokens=np.ones((9, 8)), class_token=np.ones(8))
-    (path / "patch_tokens/c.10.0.0").write_bytes(np.zeros(9 * 8, np.float16).tobytes())
+    chunk = path / "patch_tokens/c.2.0.0"  # images 8-11 (chunks of 4)
+    raw = bytearray(chunk.read_bytes())
+    raw[2 * 9 * 8 * 2] ^= 0x40  # a byte of image 10's row
+    chunk.write_bytes(bytes(raw))
     with cache.open(path) as store:
         bad = store.verify()
         assert [d["index"] for d in bad] == [10] and "does not match its checksum" in bad[0]["problems"][0]

@@ -163,19 +163,19 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, bb):
 def test_extract_redoes_exactly_the_damaged_images(tmp_path, bb):
     data = make_mvtec(tmp_path / "data", n_train=3)  # batches of 1: features do not depend on the batching
     out = tmp_path / "f.zarr"
-    extract(data, out, backbone=bb, batch_size=1, num_workers=0)
+    extract(data, out, backbone=bb, batch_size=1, num_workers=0, chunk_images=2)
     with cache.open(out) as store:
         idx = np.arange(store.n_images)
         before = store.read_features(idx)
         tokens_2 = store.read_patch_tokens([2])
-    (out / "patch_tokens/c.2.0.0").unlink()
-    mask = out / "masks/c.3.0.0"  # test/crack/000.png has a mask
+    (out / "patch_tokens/c.0.0.0").unlink()  # images 0 and 1
+    mask = out / "masks/c.1.0.0"  # images 2 and 3; test/crack/000.png (3) has a mask
     mask.write_bytes(mask.read_bytes()[:-4])
     res = CliRunner().invoke(cache_cli, ["verify", str(out)])
-    assert res.exit_code == 1 and "2 of 6 complete images are damaged" in res.output
+    assert res.exit_code == 1 and "4 of 6 complete images are damaged" in res.output
 
     result = extract(data, out, backbone=bb, batch_size=1, num_workers=0)
-    assert (result.already, result.written) == (4, 2)
+    assert (result.already, result.written) == (2, 4)
     with cache.open(out) as store:
         assert store.verify() == []
         np.testing.assert_array_equal(store.read_features(idx), before)
@@ -287,7 +287,7 @@ def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkey
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
     spec = BackboneSpec(TINY, weights=str(weights), image_size=SIZE)
-    opts = dict(backbone=spec, device="cpu", precision="fp32", batch_size=1, num_workers=0)
+    opts = dict(backbone=spec, device="cpu", precision="fp32", batch_size=1, num_workers=0, chunk_images=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets for its processes: the thread count changes float sums
     try:
@@ -295,12 +295,15 @@ def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkey
         _half_done_store(tmp_path / "two.zarr", data, opts, monkeypatch)
     finally:
         torch.set_num_threads(threads)
-    (tmp_path / "two.zarr/patch_tokens/c.1.0.0").unlink()
+    chunk = tmp_path / "two.zarr/patch_tokens/c.0.0.0"  # images 0 and 1 (chunks of 2)
+    raw = bytearray(chunk.read_bytes())
+    raw[-1] ^= 0x40  # damage image 1 only
+    chunk.write_bytes(bytes(raw))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "funad",
            "extract", str(data), "-o", str(tmp_path / "two.zarr"), "--backbone", TINY, "--weights", str(weights),
            "--image-size", str(SIZE), "--device", "cpu", "--precision", "fp32", "--batch-size", "1",
-           "--num-workers", "0"]
+           "--num-workers", "0", "--chunk-images", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -315,6 +318,51 @@ def test_torchrun_with_two_processes_gives_the_store_of_one(tmp_path, bb, monkey
         drop = lambda attrs: {k: v for k, v in attrs.items() if k != "created_at"}  # noqa: E731
         assert drop(two.attrs) == drop(one.attrs) and two.samples == one.samples
     assert not cache.lock_path(tmp_path / "two.zarr").exists()
+
+
+def test_ranks_share_the_images_out_by_chunk():
+    from funad.pipelines.distributed import Group
+
+    pending = np.array([1, 2, 3, 4, 5, 9, 10, 17])
+    shares = [Group(rank=r, world=2).share(pending, 4).tolist() for r in range(2)]
+    assert shares == [[1, 2, 3, 9, 10], [4, 5, 17]]  # chunks 0 and 2 to rank 0, chunks 1 and 4 to rank 1
+    assert Group().share(pending, 4).tolist() == pending.tolist()
+
+
+def test_the_writer_writes_whole_chunks(tmp_path):
+    """Batches of 3 into chunks of 4: each chunk is written once, when its last pending image arrives
+    (a skipped image counts as arrived); what is held at close is written then."""
+    from funad.pipelines.extract_io import BatchWriter
+
+    calls = []
+
+    class Store:
+        chunk_images = 4
+
+        def write_batch(self, indices, **arrays):
+            calls.append(np.asarray(indices).tolist())
+            assert arrays["patch_tokens"][:, 0, 0].tolist() == np.asarray(indices).tolist()
+
+        def mark_skipped(self, index, reason):
+            calls.append(("skip", index))
+
+    class Task:
+        def advance(self, n):
+            pass
+
+    def batch(idx):
+        idx = np.asarray(idx)
+        return {"indices": idx, "patch_tokens": idx[:, None, None].astype(np.float32) * np.ones((1, 2, 3)),
+                "class_tokens": np.zeros((idx.size, 3)), "masks": np.zeros((idx.size, 2, 2), np.uint8),
+                "previews": None, "digests": None}
+
+    writer = BatchWriter(Store(), Task(), pending=np.arange(2, 13))
+    writer.put("write", batch([2, 3, 4]))  # chunk 0 (pending: 2, 3) is complete
+    writer.put("write", batch([5, 6, 7]))  # chunk 1 (4-7) is complete
+    writer.put("skip", (8, "unreadable"))
+    writer.put("write", batch([9, 10]))  # chunk 2 waits for 11
+    writer.close()
+    assert calls == [[2, 3], [4, 5, 6, 7], ("skip", 8), [9, 10]] and writer.written == 8
 
 
 def test_torchrun_refuses_an_hdf5_output(tmp_path, bb, monkeypatch):
