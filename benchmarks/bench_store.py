@@ -43,6 +43,9 @@ import numpy as np
 import zarr
 
 from funad import cache
+from funad.cache import writeback
+
+early = writeback._sync_file_range  # None where the OS has no sync_file_range
 
 BATCH = 16  # images per write_batch, as extract's writer gets them on a GPU (64) or CPU (8)
 
@@ -184,13 +187,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def store_write(path: Path, fmt: str, n: int, p: int, c: int, writers: int, side: int) -> tuple[float, float]:
+def store_write(path: Path, fmt: str, n: int, p: int, c: int, writers: int, side: int,
+                chunk_images: int = cache.layout.CHUNK_IMAGES) -> tuple[float, float]:
     """(wall, CPU) seconds to create a store, write n images with ``writers`` writers, close it and sync it.
     ``side`` > 0 adds ``side x side`` masks and previews, as extract stores them."""
     cpu = cpu_seconds()
     start = time.perf_counter()
     store = cache.create(path, samples=_samples(n), grid=(p, 1), token_dim=c, mask_size=(max(side, 1),) * 2,
-                         preview_size=side or None, format=fmt)
+                         preview_size=side or None, format=fmt, chunk_images=chunk_images)
     if fmt == "zarr":
         ctx = mp.get_context("fork")
         procs = [ctx.Process(target=_writer_process, args=(str(path), r, writers, p, c)) for r in range(writers)]
@@ -235,6 +239,11 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["784x768", "784x384"], help="P x C of the patch tokens")
     ap.add_argument("--writers", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--formats", nargs="+", default=["zarr", "hdf5"], choices=["zarr", "hdf5"])
+    ap.add_argument("--chunk-images", nargs="+", type=int, default=[cache.layout.CHUNK_IMAGES],
+                    help="images per chunk of the stores (1 is the layout of cache format 2)")
+    ap.add_argument("--writeback", nargs="+", default=["on"], choices=["on", "off"],
+                    help="on: the store starts each chunk's write-back as soon as it is written "
+                         "(funad.cache.writeback); off: the kernel writes when it likes (as before)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="measure the raw disk and each store this many times and report the medians (the "
                          "disk's speed drifts between runs on a shared machine)")
@@ -264,40 +273,42 @@ def main() -> None:
             spread = ", ".join(f"{w / 1e6:.0f}" for w, _ in raws)
             print(f"Raw sequential file: write {raw_w / 1e6:.0f} MB/s, read {raw_r / 1e6:.0f} MB/s (cold); medians "
                   f"of {args.repeats} (writes: {spread} MB/s).\n")
-            print("| format | writers | write MB/s | write img/s | write CPU ms/img | write / raw | cold read MB/s "
-                  "| read / raw |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| format | images per chunk | early write-back | writers | write MB/s | write img/s "
+                  "| write CPU ms/img | write / raw | cold read MB/s | read / raw |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             cost = {}
-            for fmt in args.formats:
-                for w in args.writers:
-                    path = base / ("s.zarr" if fmt == "zarr" else "s.h5")
-                    runs = []
-                    for r in range(args.repeats):
-                        if r:
-                            shutil.rmtree(path) if path.is_dir() else path.unlink()
-                        sync_to_disk(base)
-                        secs, cpu = store_write(path, fmt, n, p, c, w, args.side)
-                        drop_from_page_cache(path)
-                        runs.append((secs, cpu, store_read(path)))
-                    secs, cpu, rsecs = (float(np.median(v)) for v in zip(*runs))
-                    if fmt == "zarr":
-                        files_per_image = chunk_files(path) / n
-                    wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
-                    unit = ("process" if fmt == "zarr" else "thread") + ("" if w == 1 else "es" if fmt == "zarr" else "s")
-                    print(f"| {fmt} | {w} {unit} | {wr / 1e6:.0f} | "
-                          f"{n / secs:.0f} | {1e3 * cpu / n:.1f} | {wr / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
-                    if size == args.sizes[0]:
-                        best_rate = max(best_rate or 0.0, n / secs)
-                    if w == args.writers[-1]:  # page-cache reads, with and without the checksum check
-                        store_read(path)  # warm the cache
-                        cost[fmt] = (store_read(path, checked=False), store_read(path, checked=True))
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            default = (args.chunk_images[-1], args.writeback[-1])
+            for fmt, g, wb, w in [(f, g, wb, w) for f in args.formats for g in args.chunk_images
+                                  for wb in args.writeback for w in args.writers]:
+                writeback._sync_file_range = early if wb == "on" else None
+                path = base / ("s.zarr" if fmt == "zarr" else "s.h5")
+                runs = []
+                for r in range(args.repeats):
+                    if r:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    sync_to_disk(base)
+                    secs, cpu = store_write(path, fmt, n, p, c, w, args.side, g)
+                    drop_from_page_cache(path)
+                    runs.append((secs, cpu, store_read(path)))
+                secs, cpu, rsecs = (float(np.median(v)) for v in zip(*runs))
+                if fmt == "zarr" and (g, wb) == default:
+                    files_per_image = chunk_files(path) / n
+                wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
+                unit = ("process" if fmt == "zarr" else "thread") + ("" if w == 1 else "es" if fmt == "zarr" else "s")
+                print(f"| {fmt} | {g} | {wb} | {w} {unit} | {wr / 1e6:.0f} | "
+                      f"{n / secs:.0f} | {1e3 * cpu / n:.1f} | {wr / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
+                if size == args.sizes[0] and (g, wb) == default:
+                    best_rate = max(best_rate or 0.0, n / secs)
+                if w == args.writers[-1] and (g, wb) == default:  # page-cache reads, with and without the check
+                    store_read(path)  # warm the cache
+                    cost[fmt] = (store_read(path, checked=False), store_read(path, checked=True))
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
             print()
             if "zarr" in args.formats:
                 create = file_create_cost(base)
                 print(f"Creating one file (64 B under a temporary name, renamed into place, synced) costs "
                       f"{1e3 * create:.2f} ms on this filesystem. The zarr store writes {files_per_image:.1f} files "
-                      f"per image (chunks of {cache.layout.CHUNK_IMAGES} images, one file per chunk and array), so file "
+                      f"per image (chunks of {args.chunk_images[-1]} images, one file per chunk and array), so file "
                       f"creation alone costs {1e3 * create * files_per_image:.1f} ms per image: at most "
                       f"{1 / (create * files_per_image):.0f} images/s per writer, against the "
                       f"{1e3 * image_bytes / raw_w:.2f} ms in which the raw file takes an image's bytes.\n")

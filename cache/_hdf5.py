@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, CorruptCacheError
+from .writeback import start_writeback
 
 FORMAT = "hdf5"
 ATTRS_BLOB = "attributes_json"
@@ -138,6 +139,12 @@ class HDF5Backend:
     # -- housekeeping --------------------------------------------------------
     def flush(self) -> None:
         self._f.flush()
+        if self.writable:
+            try:
+                fd = self._f.id.get_vfd_handle()
+            except (AttributeError, ValueError, RuntimeError):
+                return
+            start_writeback(fd)  # the disk works while the next images are made
 
     def size_on_disk(self) -> int:
         return self.path.stat().st_size

@@ -34,6 +34,7 @@ from numcodecs.zstd import Zstd
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from .errors import CorruptCacheError
+from .writeback import start_writeback
 
 FORMAT = "zarr"
 
@@ -183,12 +184,30 @@ class ZarrBackend:
         if not out.flags.c_contiguous:  # rows are read into out's memory in place
             raise ValueError("read_rows needs a C-contiguous output array")
         g = self.chunk_rows(name)
+        n_chunks = -(-int(self.array(name).shape[0]) // g)
         i = start
         while i < stop:
             chunk, first = divmod(i, g)
             end = min(stop, (chunk + 1) * g)
+            if g > 1 and chunk + 1 < n_chunks:  # the disk fetches the next chunk while this one is copied
+                self._prefetch(name, chunk + 1)
             self._read_chunk(name, chunk, codec, out[i - start:end - start], first)
             i = end
+
+    def _prefetch(self, name: str, chunk: int) -> None:
+        """Ask the kernel to start reading chunk ``chunk``'s file into the page cache; returns at once."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self._chunk_path(name, chunk), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         """Write ``rows`` as rows ``start:start + len(rows)`` of ``name``, one chunk file at a time.
@@ -232,12 +251,13 @@ class ZarrBackend:
             raw = codec.encode(raw)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         try:
-            with open(tmp, "wb", buffering=0) as fh:
-                fh.write(raw)
+            fh = open(tmp, "wb", buffering=0)
         except FileNotFoundError:  # first chunk under this index: make its folder
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb", buffering=0) as fh:
-                fh.write(raw)
+            fh = open(tmp, "wb", buffering=0)
+        with fh:
+            fh.write(raw)
+            start_writeback(fh.fileno())  # the disk works while the next chunk is made
         os.replace(tmp, path)
 
     def _chunk_path(self, name: str, chunk: int) -> Path:

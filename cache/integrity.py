@@ -13,20 +13,40 @@ while this runs at memory speed. Every 64 KiB block is summed as 64-bit words
 change of one word, a zeroed or truncated chunk, and blocks in the wrong order
 are all detected. It is an integrity check against accidents, not against
 someone forging data. benchmarks/bench_store.py measures its cost on reads.
+
+The block sums are taken by torch (as int64, whose wrapping sums are the same
+bits as uint64 ones), which vectorises them and uses every core: 41 GB/s here
+against numpy's 15 GB/s, while a read from the page cache runs at about
+3 GB/s. numpy takes over for read-only arrays and rows of a length that is not
+a whole number of words, which torch will not wrap, and
+in a process forked from the one that imported this module: a fork copies
+none of the threads of torch's (OpenMP) pool, and the child's first parallel
+sum would wait for them forever.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import torch
 
 BLOCK_BYTES = 1 << 16  # 64 KiB: fewer, longer sums than 4 KiB blocks, about a quarter faster
 _WORDS = BLOCK_BYTES // 8
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_PID = os.getpid()  # torch's thread pool is only safe in this process, not in forks of it
 
 
 def _weights(n_blocks: int) -> np.ndarray:
     """Distinct odd 64-bit weights, one per block (wrapping arithmetic)."""
     return (np.arange(n_blocks, dtype=np.uint64) * _GOLDEN) | np.uint64(1)
+
+
+def _block_sums(words: np.ndarray) -> np.ndarray:
+    """``(n, blocks, _WORDS) uint64`` -> ``(n, blocks) uint64``: each block's wrapping sum."""
+    if words.flags.writeable and os.getpid() == _PID and all(st % 8 == 0 for st in words.strides):
+        return torch.from_numpy(words.view(np.int64)).sum(dim=2).numpy().view(np.uint64)
+    return words.sum(axis=2, dtype=np.uint64)
 
 
 def row_checksums(rows: np.ndarray) -> np.ndarray:
@@ -38,7 +58,7 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     full = size // BLOCK_BYTES * BLOCK_BYTES
     parts = []
     if full:
-        parts.append(raw[:, :full].view(np.uint64).reshape(n, -1, _WORDS).sum(axis=2, dtype=np.uint64))
+        parts.append(_block_sums(raw[:, :full].view(np.uint64).reshape(n, -1, _WORDS)))
     if size > full:  # the last, shorter block, zero-padded to whole words
         tail = np.zeros((n, -(-(size - full) // 8) * 8), np.uint8)
         tail[:, : size - full] = raw[:, full:]

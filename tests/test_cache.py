@@ -443,6 +443,34 @@ def test_row_checksums_see_every_kind_of_damage():
     assert (cache.row_checksums(changed) != cache.row_checksums(small)).tolist() == [True, False]
 
 
+def _checksum_in_child(queue) -> None:
+    queue.put(cache.row_checksums(np.arange(4 * 70_000, dtype=np.uint64).reshape(4, -1)).tolist())
+
+
+def test_checksums_agree_between_torch_numpy_and_a_forked_child():
+    """Block sums are torch's where it is safe (a writable array, this process) and numpy's elsewhere: the
+    same bits, and a child forked after torch's threads ran still finishes (it uses numpy)."""
+    import multiprocessing
+
+    from funad.cache.integrity import _WORDS, _block_sums
+
+    words = np.random.default_rng(5).integers(0, 2**64, size=(3, 4, _WORDS), dtype=np.uint64)  # sums wrap
+    frozen = words.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(_block_sums(words), _block_sums(frozen))
+    rows = np.arange(4 * 70_000, dtype=np.uint64).reshape(4, -1)
+    here = cache.row_checksums(rows).tolist()  # torch's pool has run in this process
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_checksum_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a forked child hung computing checksums")
+    assert queue.get(timeout=5) == here
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_damaged_chunk_is_reported_with_its_image_and_file(tiny_store, name):
     path = tiny_store(name)  # chunks of 4 images
