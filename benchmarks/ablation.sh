@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 8's reduced-grid ablation: the faithful loop (--preset paper: bank rebuilt every iteration, all patches,
+# fp32, lr 2e-5) against each speed option of the default preset switched on alone, and against the default
+# preset, at P = 196 (the stand-in backbone at 196 px: a 14 x 14 grid), equal epochs, 3 seeds, bottle at 10%
+# without overlap and KolektorSDD (natural contamination).
+#
+# The default preset's patch counts are set for P = 784. At P = 196 the "scaled" variants keep the same shares:
+# batch_patches 16 of 196 (64 of 784) and bank_patches 1024 (4096 for a bank 4x larger). "fast" is the preset
+# unchanged, as a user would run it on a 196-patch cache.
+#
+#   bash benchmarks/ablation.sh                                   # bottle, then KolektorSDD; resumes
+#   DATASETS=bottle VARIANTS="paper fast every14" bash benchmarks/ablation.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+SHARED=${SHARED:-../shared}
+OUT=${OUT:-bench_out}
+SEEDS=${SEEDS:-0,1,2}
+EPOCHS=${EPOCHS:-60}
+DATASETS=${DATASETS:-bottle ksdd}
+VARIANTS=${VARIANTS:-paper fast every14 fast_scaled pool64 bankpatches1024 batchpatches16 lr1e-4}
+W=$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors
+BB=(--backbone vit_small_patch14_dinov2 --weights "$W" --layer 7 --image-size 196 --precision fp32)
+declare -A SPEC=(
+  [paper]="paper=paper"
+  [fast]="fast=fast"
+  [fast_scaled]="fast_scaled=fast:batch_patches=16,bank_patches=1024"
+  [every14]="every14=paper:bank_every=14"
+  [pool64]="pool64=paper:bank_pool=64"
+  [bankpatches1024]="bankpatches1024=paper:bank_patches=1024"
+  [batchpatches16]="batchpatches16=paper:batch_patches=16"
+  [lr1e-4]="lr1e-4=paper:lr=1e-4"
+)
+args=()
+for v in $VARIANTS; do args+=(--variant "${SPEC[$v]}"); done
+mkdir -p "$OUT" benchmarks/results
+for name in $DATASETS; do
+  case $name in
+    bottle) data=$SHARED/data/mvtec_ad/bottle; kind=mvtec; ratio=0.1 ;;
+    ksdd) data=$SHARED/data/ksdd; kind=ksdd; ratio=0 ;;
+  esac
+  "$BIN/funad" extract "$data" -o "$OUT/${name}196.zarr" --dataset "$kind" "${BB[@]}"
+  "$BIN/python" benchmarks/ablation.py "$OUT/${name}196.zarr" --ratio "$ratio" --seeds "$SEEDS" --epochs "$EPOCHS" \
+      "${args[@]}" --out "benchmarks/results/ablation-${name}196"
+done
