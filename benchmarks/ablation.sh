@@ -10,17 +10,11 @@
 #
 #   bash benchmarks/ablation.sh                                   # bottle, then KolektorSDD; resumes
 #   DATASETS=bottle VARIANTS="paper fast every14" bash benchmarks/ablation.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
-SHARED=${SHARED:-../shared}
-OUT=${OUT:-bench_out}
-SEEDS=${SEEDS:-0,1,2}
+IMAGE_SIZE=196
+source "$(dirname "$0")/env.sh"
 EPOCHS=${EPOCHS:-60}
 DATASETS=${DATASETS:-bottle ksdd}
 VARIANTS=${VARIANTS:-paper fast every14 fast_scaled pool64 bankpatches1024 batchpatches16 lr1e-4}
-W=$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors
-BB=(--backbone vit_small_patch14_dinov2 --weights "$W" --layer 7 --image-size 196 --precision fp32)
 declare -A SPEC=(
   [paper]="paper=paper"
   [fast]="fast=fast"
@@ -33,7 +27,6 @@ declare -A SPEC=(
 )
 args=()
 for v in $VARIANTS; do args+=(--variant "${SPEC[$v]}"); done
-mkdir -p "$OUT" benchmarks/results
 for name in $DATASETS; do
   case $name in
     bottle) data=$SHARED/data/mvtec_ad/bottle; kind=mvtec; ratio=0.1 ;;
