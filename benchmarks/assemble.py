@@ -25,6 +25,7 @@ ORDER = [
     ("FUN-AD* (synthetic anomalies) and the class-token variant", "synthetic.md"),
     ("FUN-AD* against FUN-AD: MVTec AD bottle", "synthetic-bottle.md"),
     ("FUN-AD* against FUN-AD: KolektorSDD", "synthetic-ksdd.md"),
+    ("FUN-AD* on KolektorSDD: where the pseudo-anomalies go", "synthetic-labels-ksdd.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: whole default fits, wall time", "fit-wall.md"),
