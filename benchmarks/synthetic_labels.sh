@@ -5,17 +5,13 @@
 #
 #   CACHE=bench_out/ksdd_syn.zarr bash benchmarks/synthetic_labels.sh   # the cache benchmarks/synthetic.sh extracts
 #   CACHE=bench_out/bottle_syn.zarr FIT_ARGS="--contamination 0.1" EVERY=60 NAME=bottle bash benchmarks/synthetic_labels.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
-OUT=${OUT:-bench_out}
+source "$(dirname "$0")/env.sh"
 CACHE=${CACHE:-$OUT/ksdd_syn.zarr}
 NAME=${NAME:-ksdd}
 EVERY=${EVERY:-53}  # the default preset's last epoch on KolektorSDD (420 iterations of 8 steps)
-SEEDS=${SEEDS:-0 1 2}
 read -r -a EXTRA <<< "${FIT_ARGS:-}"
 dirs=()
-for seed in $SEEDS; do
+for seed in ${SEEDS//,/ }; do
   for arm in off pseudo; do
     d="$OUT/synthetic_labels_$NAME/${arm}_s$seed"
     flag=--synthetic; [ "$arm" = off ] && flag=--no-synthetic
@@ -24,7 +20,6 @@ for seed in $SEEDS; do
     dirs+=("$d")
   done
 done
-mkdir -p benchmarks/results
 {
   echo "Command: \`CACHE=$CACHE NAME=$NAME EVERY=$EVERY FIT_ARGS=\"${FIT_ARGS:-}\" bash benchmarks/synthetic_labels.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
   echo
