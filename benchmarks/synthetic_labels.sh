@@ -21,7 +21,7 @@ for seed in ${SEEDS//,/ }; do
   done
 done
 {
-  echo "Command: \`CACHE=$CACHE NAME=$NAME EVERY=$EVERY FIT_ARGS=\"${FIT_ARGS:-}\" bash benchmarks/synthetic_labels.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
+  echo "Command: \`OUT=$OUT CACHE=$CACHE NAME=$NAME EVERY=$EVERY FIT_ARGS=\"${FIT_ARGS:-}\" bash benchmarks/synthetic_labels.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
   echo
   "$BIN/python" benchmarks/synthetic_labels.py "${dirs[@]}"
 } > "benchmarks/results/synthetic-labels-$NAME.md"
