@@ -31,6 +31,7 @@ for name in $DATASETS; do
   case $name in
     bottle) data=$SHARED/data/mvtec_ad/bottle; kind=mvtec; ratio=0.1 ;;
     ksdd) data=$SHARED/data/ksdd; kind=ksdd; ratio=0 ;;
+    *) echo "ablation.sh: unknown dataset '$name' in DATASETS; use bottle and/or ksdd" >&2; exit 2 ;;
   esac
   "$BIN/funad" extract "$data" -o "$OUT/${name}196.zarr" --dataset "$kind" "${BB[@]}"
   "$BIN/python" benchmarks/ablation.py "$OUT/${name}196.zarr" --ratio "$ratio" --seeds "$SEEDS" --epochs "$EPOCHS" \

@@ -2,7 +2,7 @@
 # the environment) and the offline stand-in backbone every quality figure uses (vit_small_patch14_dinov2 from
 # ../shared/weights, block 7; IMAGE_SIZE 392 gives a 28 x 28 grid, 196 a 14 x 14 one).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[1]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-.venv/bin}
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-bench_out}
