@@ -185,11 +185,14 @@ class ZarrBackend:
             raise ValueError("read_rows needs a C-contiguous output array")
         g = self.chunk_rows(name)
         n_chunks = -(-int(self.array(name).shape[0]) // g)
+        # a read of more than a chunk is a scan: fetch one chunk ahead (also past its end, for the next read);
+        # shorter reads (random images, a streamed fit's batches) fetch nothing they did not ask for
+        bulk = g > 1 and stop - start > g
         i = start
         while i < stop:
             chunk, first = divmod(i, g)
             end = min(stop, (chunk + 1) * g)
-            if g > 1 and chunk + 1 < n_chunks:  # the disk fetches the next chunk while this one is copied
+            if bulk and chunk + 1 < n_chunks:  # the disk fetches the next chunk while this one is copied
                 self._prefetch(name, chunk + 1)
             self._read_chunk(name, chunk, codec, out[i - start:end - start], first)
             i = end

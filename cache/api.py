@@ -45,7 +45,7 @@ def create(
     attributes: Optional[Mapping] = None,
     format: Optional[str] = None,
     overwrite: bool = False,
-    chunk_images: int = L.CHUNK_IMAGES,
+    chunk_images: Optional[int] = None,
 ) -> "FeatureStore":
     """Create an empty store (every image pending) and return it open for writing.
 
@@ -61,7 +61,7 @@ def create(
         attributes: store-level metadata (backbone, weights, layer, ...), JSON-serialisable.
         format: "zarr" or "hdf5"; default from the suffix (``.h5``/``.hdf5`` -> HDF5).
         overwrite: replace an existing store at ``path``; otherwise that raises CacheExistsError.
-        chunk_images: images per chunk (at most the number of images). A zarr store writes one file per
+        chunk_images: images per chunk (None: 16; at most the number of images). A zarr store writes one file per
             array and chunk; writers write whole chunks where they can, and processes writing one store
             share it out by chunk. 1 is the layout of cache format 2.
 
@@ -77,6 +77,7 @@ def create(
         raise CacheMismatchError(f"dtype {dtype!r} is not supported; use one of {L.DTYPES}")
     if int(token_dim) <= 0:
         raise CacheMismatchError(f"token_dim must be positive, got {token_dim}")
+    chunk_images = L.CHUNK_IMAGES if chunk_images is None else chunk_images
     if isinstance(chunk_images, bool) or not isinstance(chunk_images, (int, np.integer)) or chunk_images < 1:
         raise CacheMismatchError(f"chunk_images must be a positive int, got {chunk_images!r}")
     grid_hw = L.pair(grid, "grid")

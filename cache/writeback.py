@@ -19,7 +19,6 @@ import os
 log = logging.getLogger(__name__)
 
 _SYNC_FILE_RANGE_WRITE = 2
-_disabled = os.environ.get("FUNAD_NO_EARLY_WRITEBACK") == "1"  # for measuring what it gains
 
 
 def _load():
@@ -32,7 +31,7 @@ def _load():
     return fn
 
 
-_sync_file_range = None if _disabled else _load()
+_sync_file_range = _load()  # benchmarks/bench_store.py sets it to None to measure what it gains
 
 
 def start_writeback(fd: int) -> None:

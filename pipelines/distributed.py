@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ class Group:
     def share(self, indices, chunk_images: int = 1):
         """This process's share of ``indices`` (sorted image indices): whole chunks of ``chunk_images``
         images, dealt out in turn, so that no two processes ever write the same chunk of the store."""
-        import numpy as np
-
         indices = np.asarray(indices, dtype=np.int64)
         chunks = indices // max(1, int(chunk_images))
         mine = np.unique(chunks)[self.rank :: self.world]

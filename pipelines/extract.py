@@ -252,7 +252,7 @@ def _open_store(output: Path, records: list[dict], geom: Geometry, bb: Backbone,
         return cache.create(output, samples=records, grid=geom.grid, token_dim=bb.token_dim,
                             mask_size=geom.frame, preview_size=geom.preview_size,
                             dtype=dtype, attributes=attributes, format=format, overwrite=overwrite,
-                            chunk_images=chunk_images or cache.layout.CHUNK_IMAGES), None
+                            chunk_images=chunk_images), None
     store = cache.open(output, "a", format=format)
     try:
         _check_resumable(store, {k: attributes.get(k) for k in (*RESUME_KEYS, "synthetic")}, records)
