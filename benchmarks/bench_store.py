@@ -10,8 +10,9 @@ In one run, on the disk that holds ``--dir``:
    ranks do; HDF5: threads in one process, as it takes one writer process),
    including the final flush to disk (and the CPU time writing costs per image), then read the
    tokens back cold;
-3. the cost of the per-read checksum check: the same reads from the page
-   cache (the worst case for the check's share), with and without it.
+3. the cost of the per-read checksum check: the same reads with and without
+   it, cold (what reading a store larger than RAM costs) and from the page
+   cache (the worst case for the check's share).
 
 "Cold" reads drop the files from the page cache first (posix_fadvise
 DONTNEED), so they come from the disk. Prints a markdown report with the
@@ -148,6 +149,14 @@ def chunk_files(path: Path) -> int:
     return sum(1 for _, _, fs in os.walk(path) for f in fs if f != "zarr.json")
 
 
+def bytes_on_disk(path: Path) -> int:
+    """Bytes the store's files hold (a zarr directory's files, or the one HDF5 file): tokens, class tokens,
+    previews, records, metadata; empty masks are not stored by zarr."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -268,7 +277,7 @@ def main() -> None:
     print(f"# Feature store throughput\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n")
     print(f"Machine: {machine(base)}\n")
     extra = (f"; writes also store {args.side} x {args.side} masks (empty) and previews, as extract does, but "
-             "MB/s counts token bytes only" if args.side else "")
+             "MB/s counts token bytes only (\"all bytes\" counts every byte the store's files hold)" if args.side else "")
     print(f"{n} images per store, written in batches of {BATCH}, read in chunks of 64; MB = 10^6 bytes{extra}. "
           f"Every figure is the median of {args.repeats} runs, each after a sync of the disk.\n")
     best_rate = None
@@ -286,8 +295,9 @@ def main() -> None:
             print(f"Raw sequential file: write {raw_w / 1e6:.0f} MB/s, read {raw_r / 1e6:.0f} MB/s (cold); medians "
                   f"of {args.repeats} (writes: {spread} MB/s).\n")
             print("| format | images per chunk | early write-back | writers | write MB/s | write img/s "
-                  "| write CPU ms/img | write / raw | cold read MB/s | read / raw |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+                  "| write CPU ms/img | write / raw | MB on disk per image | write / raw, all bytes "
+                  "| cold read MB/s | read / raw |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             cost = {}
             default = (args.chunk_images[-1], args.writeback[-1])
             for fmt, g, wb, w in [(f, g, wb, w) for f in args.formats for g in args.chunk_images
@@ -300,20 +310,28 @@ def main() -> None:
                         shutil.rmtree(path) if path.is_dir() else path.unlink()
                     sync_to_disk(base)
                     secs, cpu = store_write(path, fmt, n, p, c, w, args.side, g)
-                    drop_from_page_cache(path)
-                    runs.append((secs, cpu, store_read(path)))
-                secs, cpu, rsecs = (float(np.median(v)) for v in zip(*runs))
+                    reads = {}
+                    for checked in ((True, False) if r % 2 == 0 else (False, True)):  # alternate which goes first
+                        drop_from_page_cache(path)
+                        reads[checked] = store_read(path, checked=checked)
+                    runs.append((secs, cpu, reads[True], reads[False], bytes_on_disk(path)))
+                secs, cpu, rsecs, plain_secs, written = (float(np.median(v)) for v in zip(*runs))
                 if fmt == "zarr" and (g, wb) == default:
                     files_per_image = chunk_files(path) / n
                 wr, rd = n * image_bytes / secs, n * image_bytes / rsecs
                 unit = ("process" if fmt == "zarr" else "thread") + ("" if w == 1 else "es" if fmt == "zarr" else "s")
                 print(f"| {fmt} | {g} | {wb} | {w} {unit} | {wr / 1e6:.0f} | "
-                      f"{n / secs:.0f} | {1e3 * cpu / n:.1f} | {wr / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
+                      f"{n / secs:.0f} | {1e3 * cpu / n:.1f} | {wr / raw_w:.2f} | {written / n / 1e6:.2f} | "
+                      f"{written / secs / raw_w:.2f} | {rd / 1e6:.0f} | {rd / raw_r:.2f} |")
                 if size == args.sizes[0] and (g, wb) == default:
                     best_rate = max(best_rate or 0.0, n / secs)
-                if w == args.writers[-1] and (g, wb) == default:  # page-cache reads, with and without the check
+                if w == args.writers[-1] and (g, wb) == default:  # the check's cost: cold and page-cache reads
                     store_read(path)  # warm the cache
-                    cost[fmt] = (store_read(path, checked=False), store_read(path, checked=True))
+                    warm = []
+                    for k in range(5):
+                        pair = {ch: store_read(path, checked=ch) for ch in ((False, True) if k % 2 else (True, False))}
+                        warm.append((pair[False], pair[True]))
+                    cost[fmt] = ((plain_secs, rsecs), tuple(float(np.median(v)) for v in zip(*warm)))
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             print()
             if "zarr" in args.formats:
@@ -324,10 +342,12 @@ def main() -> None:
                       f"creation alone costs {1e3 * create * files_per_image:.1f} ms per image: at most "
                       f"{1 / (create * files_per_image):.0f} images/s per writer, against the "
                       f"{1e3 * image_bytes / raw_w:.2f} ms in which the raw file takes an image's bytes.\n")
-            for fmt, (plain, checked) in cost.items():
-                print(f"Checksum check, {fmt}, reads from the page cache: {n * image_bytes / plain / 1e6:.0f} MB/s "
-                      f"without, {n * image_bytes / checked / 1e6:.0f} MB/s with: {100 * (checked / plain - 1):+.1f}% "
-                      "read time.")
+            for fmt, pairs in cost.items():
+                for where, (plain, checked) in zip(("cold reads (medians of the runs above)",
+                                                    "reads from the page cache (medians of 5, alternated)"), pairs):
+                    print(f"Checksum check, {fmt}, {where}: {n * image_bytes / plain / 1e6:.0f} MB/s without, "
+                          f"{n * image_bytes / checked / 1e6:.0f} MB/s with: {100 * (checked / plain - 1):+.1f}% "
+                          "read time.")
             print()
         if best_rate is not None:
             print(f"**An extraction of {args.sizes[0]} tokens can reach about {best_rate:.0f} images/s before "

@@ -164,18 +164,20 @@ class StoreWriting:
             log.debug("%s: overwriting %d images that were complete or skipped", self.path, redo.size)
             self._write_records(redo, self._pending_rows(redo.size))
         order = np.argsort(idx, kind="stable")
+        # indices in order (as extract writes them): each run's rows are a view, not a copy (~0.1 ms per image)
+        pick = (lambda pos: pos) if np.array_equal(order, np.arange(n)) else (lambda pos: order[pos])
         rows = self._pending_rows(n)
         rows[:, 0] = L.COMPLETE
         for name, values in data.items():
             for start, _, pos in L.runs(idx[order]):
-                self._b.write_rows(name, start, values[order[pos]])
+                self._b.write_rows(name, start, values[pick(pos)])
             rows[:, L.RECORD_COLUMNS.index(name)] = row_checksums(values)
         if self._has_digests:
             dg = np.zeros((n, L.DIGEST_BYTES), np.uint8) if digests is None else np.asarray(digests, np.uint8)
             if dg.shape != (n, L.DIGEST_BYTES):
                 raise CacheMismatchError(f"digests have shape {dg.shape}; expected {(n, L.DIGEST_BYTES)}")
             for start, _, pos in L.runs(idx[order]):
-                self._b.write_rows(L.SOURCE_DIGESTS, start, dg[order[pos]])
+                self._b.write_rows(L.SOURCE_DIGESTS, start, dg[pick(pos)])
         self._write_records(idx, rows)
 
     def mark_skipped(self, i: int, reason: str) -> None:
