@@ -196,6 +196,7 @@ def write_markdown(path: Path, rows: Sequence[dict], store_attrs: Optional[dict]
                          + f" | {'n/a' if math.isnan(share) else f'{100 * share:.1f}%'} |")
         lines.append("")
     lines += _threshold_table(groups)
+    lines += _time_table(rows)
     lines += [f"Each cell: mean ± sample std over seeds; {len(rows)} runs in results.csv. "
               "At 0% the overlap and no-overlap settings are the same run.", ""]
     text = "\n".join(lines)
@@ -221,6 +222,29 @@ def _threshold_table(groups: dict) -> list[str]:
             pixel = f"{_pct(v['pixel_f1_at_thr'])} / {_pct(v['pixel_f1_max'])}"
             lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | {100 * ratio:g}% | "
                          f"{_pct(v['image_f1_max'])} | " + " | ".join(cells) + f" | {pixel} |")
+    return lines + [""]
+
+
+def _time_table(rows: Sequence[dict]) -> list[str]:
+    """Each method's fit and scoring wall time: median (min-max) over its cells that ran (not reused)."""
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        if not r.get("reused_from"):
+            by_label.setdefault(_row_label(r), []).append(r)
+    lines = ["## Fit and scoring time (s), median (min-max) over each method's cells", "",
+             "Wall seconds on the machine that ran the sweep (`device` in results.csv). Fit: the whole training "
+             "(FUN-AD) or the bank and its coreset (kNN, SoftPatch); scoring: the test set's maps and scores. "
+             "Cells that shared the cores with other jobs are slower, so compare methods within one sweep.", "",
+             "| method | cells | fit | scoring |", "|---|---|---|---|"]
+
+    def span(values: list[float]) -> str:
+        v = [x for x in values if not math.isnan(x)]
+        return "n/a" if not v else f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+    for label, rs in sorted(by_label.items()):
+        times = {k: [float(r[k]) if r.get(k) not in ("", None) else float("nan") for r in rs]
+                 for k in ("fit_s", "score_s")}
+        lines.append(f"| {label} | {len(rs)} | {span(times['fit_s'])} | {span(times['score_s'])} |")
     return lines + [""]
 
 

@@ -145,8 +145,11 @@ def test_results_md_averages_the_seeds_of_one_setting(tmp_path):
     assert CliRunner().invoke(sweep_cmd, args).exit_code == 0
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| knn |")]
-    assert len(rows) == 3  # one row per table (AUROC, AUPRO/F1, F1 at the unlabelled thresholds), not one per seed
+    assert len(rows) == 4  # one row per table (AUROC, AUPRO/F1, F1 at the thresholds, times), not one per seed
     assert "cfg" not in rows[0] and "±" in rows[0]
+    timing = rows[-1].split("|")  # | knn | 3 | fit median (min-max) | scoring median (min-max) |
+    assert "## Fit and scoring time" in md
+    assert timing[2].strip() == "3" and all("(" in c and "-" in c for c in timing[3:5])
 
 
 def test_results_csv_of_an_older_funad_is_upgraded_not_refused(tmp_path):
