@@ -58,6 +58,9 @@ _BATCH = 4096
 # Centres compared per matrix product when refreshing candidates (256-1024 were equally fast on the
 # bottle bank; smaller chunks let more candidates leave early, larger ones make better products).
 _CHUNK = 512
+# A round's batch is drawn from the points ranked in the top _POOL_ROUNDS x _BATCH by a pass over every
+# point, kept until fewer than a batch of them remain above the pass's floor (bounds only fall).
+_POOL_ROUNDS = 8
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -211,9 +214,19 @@ def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BA
     bound = points.sqdist(None, int(first))
     seen = torch.ones(m, dtype=torch.int64, device=x.device)
     t = 1
+    floor = None  # every point whose bound is >= floor is in the running for the next rounds' batches
     while t < n_select:
         k = min(batch + 1, m)
-        top, cand = torch.topk(bound, k)
+        pool = None if floor is None else torch.nonzero(bound >= floor).squeeze(1)
+        if pool is None or pool.numel() < k:
+            # Bounds only fall, so the top ranks of the next several rounds lie among today's top
+            # _POOL_ROUNDS x batch: one pass over every point serves those rounds, where a top-k of all M
+            # bounds per round was a large share of the time.
+            kk = min(_POOL_ROUNDS * batch + 1, m)
+            floor = float(torch.topk(bound, kk, sorted=False).values.min()) if kk < m else float("-inf")
+            pool = torch.nonzero(bound >= floor).squeeze(1)
+        top, at = torch.topk(bound.index_select(0, pool), k)
+        cand = pool.index_select(0, at)
         outside = float(top[batch]) if k > batch else -1.0  # the largest bound outside the batch
         cand = torch.sort(cand[:batch]).values  # ascending, so argmax breaks ties by the lowest index
         cand_seen = seen.index_select(0, cand)
@@ -225,15 +238,19 @@ def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BA
         live = cand.index_select(0, active)  # exact to t, ascending
         live_sq = cand_bound.index_select(0, active)
         live_left, live_norm = points.left.index_select(0, live), points.sqnorm.index_select(0, live)
+        live_ids, chosen = live.tolist(), []
         start = t
-        while t < n_select and live.numel():
-            pos = int(torch.argmax(live_sq))
-            if not float(live_sq[pos]) > outside:
+        while t < n_select and live_ids:
+            best, pos = torch.max(live_sq, 0)  # the first of equal maxima: the lowest index
+            if not best.item() > outside:
                 break
-            c = int(live[pos])
-            selected[t], centres_right[t] = c, points.right[c]
+            c = live_ids[pos.item()]
+            chosen.append(c)
             t += 1
             torch.minimum(live_sq, torch.addmv(live_norm, live_left, points.right[c]).clamp_(min=0.0), out=live_sq)
+        if chosen:
+            ids = torch.tensor(chosen, dtype=torch.int64, device=x.device)
+            selected[start:t], centres_right[start:t] = ids, points.right.index_select(0, ids)
         bound.index_copy_(0, live, live_sq)
         seen.index_fill_(0, live, t)
         if t == start and not stale:
