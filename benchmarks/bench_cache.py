@@ -1,7 +1,9 @@
 """Feature-store codecs: write and read MB/s and on-disk size, per backend and codec.
 
-Writes N images one per call (as ``funad extract`` does, one chunk per image)
-into an ``(N, P, C)`` float16 array through the store's own backends, reads
+Writes N images one per call, into one-image chunks (a study of the codecs,
+in cache format 2's layout; cache format 3 keeps 16 images per chunk and
+``bench_store.py`` measures it) of an ``(N, P, C)`` float16 array through the
+store's own backends, reads
 them back in runs of 16 images, and checks the round trip. Then times the
 public API (``write_batch`` / ``read_features``) with the default settings.
 
