@@ -45,7 +45,7 @@ from funad.pipelines.scoring import measure
 
 from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
 
-DEFAULT_CACHE = "/work/caches/bottle.zarr"
+DEFAULT_CACHE = "bench_out/bottle.zarr"  # what `bash benchmarks/quality.sh` extracts
 
 
 def plain_greedy(x: torch.Tensor, n_select: int, first: int, steps: int | None = None) -> torch.Tensor:
@@ -129,7 +129,8 @@ def quality(store, ratio: float, quick: bool) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default=DEFAULT_CACHE)
+    parser.add_argument("--cache", default=DEFAULT_CACHE,
+                        help="a feature cache (default: the bottle cache `bash benchmarks/quality.sh` extracts)")
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--plain-steps", type=int, default=None,
                         help="time only this many plain greedy steps and extrapolate")
@@ -141,6 +142,9 @@ def main() -> None:
     print(f"# bench_coreset: {Path(args.cache).name}\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the start")
+    if not Path(args.cache).exists():
+        parser.error(f"no cache at {args.cache}: extract one (`bash benchmarks/quality.sh` writes "
+                     f"{DEFAULT_CACHE}) or pass --cache")
     with cache.open(args.cache, mode="r") as store:
         train_ids = store.indices(split="train")
         if args.quick:

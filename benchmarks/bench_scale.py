@@ -7,7 +7,7 @@ standard deviation, so that no two images are identical. Both fits run the
 default preset (or ``--preset``) in one process, with a float32 matmul peak
 measured in the same run; report the ratio, not the absolute seconds.
 
-    python benchmarks/bench_scale.py /work/caches/bottle.zarr /work/caches/ksdd.zarr --n 230 1000
+    python benchmarks/bench_scale.py bench_out/bottle.zarr bench_out/ksdd.zarr --n 230 1000
 """
 
 from __future__ import annotations

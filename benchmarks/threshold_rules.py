@@ -7,7 +7,7 @@ fit and every rule variant it prints image F1 at the rule's threshold, chosen
 from the *unlabelled training scores*, next to F1-max (threshold chosen with
 the test labels), and the mean over seeds of F1 / F1-max per setting.
 
-    python benchmarks/threshold_rules.py /work/h_thresholds/sweep_bottle /work/h_thresholds/sweep_ksdd
+    python benchmarks/threshold_rules.py bench_out/sweep_bottle bench_out/sweep_ksdd
     python benchmarks/threshold_rules.py --model-dir runs/bottle_s0 --model-dir runs/ksdd_s0
 """
 
