@@ -24,6 +24,13 @@ COLUMNS = (("pseudo_precision_real", "precision, real"), ("pseudo_recall_real", 
            ("pseudo_precision_synthetic", "precision, synthetic"), ("pseudo_recall_synthetic", "recall, synthetic"),
            ("pseudo_share_synthetic", "share on synthetic"), ("n_pseudo_anomalies", "pseudo-anomalies / step"),
            ("bank_images", "bank images"), ("bank_purity", "bank purity"))
+# FUN-AD* only: do the synthetic images set the batch's largest distance, and do the real defects lose their
+# pseudo-labels in the batches that hold a synthetic image?
+MECHANISM = (("batch_max_on_synthetic", "batches with a synthetic image whose largest distance is on one"),
+             ("pseudo_recall_real_with_synthetic", "real-defect recall, batch with a synthetic image"),
+             ("pseudo_recall_real_without_synthetic", "real-defect recall, batch without"),
+             ("dhat_real_defects_with_synthetic", "real defects' mean d̂, batch with a synthetic image"),
+             ("dhat_real_defects_without_synthetic", "real defects' mean d̂, batch without"))
 
 
 def summarise(d: Path, last: int) -> tuple[str, dict]:
@@ -32,7 +39,7 @@ def summarise(d: Path, last: int) -> tuple[str, dict]:
     arm = config["config"].get("synthetic", "pseudo") if config["contamination"].get("synthetic_ids") else "off"
     out = {}
     tail = log[-last:]
-    for key, _ in COLUMNS:
+    for key, _ in COLUMNS + MECHANISM:
         if key in ("pseudo_precision_real", "pseudo_recall_real") and arm == "off":
             values = [r.get(key.rsplit("_", 1)[0]) for r in tail]  # no synthetic image: every patch is real
         else:
@@ -77,6 +84,14 @@ def main() -> None:
         cells = [cell([r[k] for r in rows]) for k, _ in COLUMNS]
         auroc = f"{cell([r.get('test_image_auroc') for r in rows])} / {cell([r.get('test_pixel_auroc') for r in rows])}"
         print(f"| {arm} | " + " | ".join(cells) + f" | {auroc} |")
+    found = {arm: rows for arm, rows in arms.items() if any(r.get(MECHANISM[0][0]) is not None for r in rows)}
+    if found:
+        print("\nThe synthetic images' effect on the real defects, in the same epochs (fits whose log has it):\n")
+        print("| arm | " + " | ".join(name for _, name in MECHANISM) + " |")
+        print("|---" * (len(MECHANISM) + 1) + "|")
+        for arm, rows in found.items():
+            rows = [r for r in rows if r.get(MECHANISM[0][0]) is not None]
+            print(f"| {arm} ({len(rows)} fits) | " + " | ".join(cell([r[k] for r in rows]) for k, _ in MECHANISM) + " |")
 
 
 if __name__ == "__main__":

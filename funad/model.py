@@ -92,7 +92,11 @@ class FunAD:
                 pseudo_precision, pseudo_recall; with synthetic images too, the
                 same two on real and on synthetic images (``pseudo_precision_real``,
                 ``pseudo_recall_synthetic``, ...) and pseudo_share_synthetic,
-                the share of pseudo-anomalies that fall on synthetic images.
+                the share of pseudo-anomalies that fall on synthetic images;
+                batch_max_on_synthetic, the share of steps with a synthetic
+                image whose largest distance lies on one; and the real defects'
+                recall and mean d̂ in steps with and without a synthetic image
+                (``pseudo_recall_real_with_synthetic``, ``dhat_real_defects_without_synthetic``, ...).
             diagnostics: {"image_labels": (n_images,) 0/1, "patch_labels":
                 (n_images, n_patches) 0/1}; only reported, never acted upon.
             checkpoint: a state given to ``on_checkpoint`` by an earlier fit

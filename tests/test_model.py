@@ -116,6 +116,32 @@ def test_diagnostics_split_real_and_synthetic_images():
     assert "pseudo_share_synthetic" not in plain[-1]
 
 
+def test_diagnostics_split_real_defects_by_whether_the_batch_holds_a_synthetic_image():
+    """FUN-AD*: the real defects' recall in batches with and without a synthetic image adds up to the real
+    recall, and the share of such batches whose largest distance lies on a synthetic patch is reported."""
+    syn = np.zeros(N, bool)
+    syn[[3, 11, 19]] = True  # a few synthetic images, so some batches of 8 hold none
+    x = planted()
+    # synthetic patches scattered far from everything, each other included: the batch maximum should be theirs
+    x[syn] += 5.0 * torch.randn(int(syn.sum()), P, D, generator=torch.Generator().manual_seed(1))
+    patch_labels = np.zeros((N, P), int)
+    patch_labels[syn] = 1
+    patch_labels[OUTLIERS, POSITION] = 1  # the real defects
+    records = []
+    FunAD(small(epochs=3)).fit(x, callback=records.append, synthetic=syn,
+                               diagnostics={"image_labels": (patch_labels.max(1) > 0).astype(int),
+                                            "patch_labels": patch_labels})
+    r = records[-1]
+    assert r["batch_max_on_synthetic"] == 1.0
+    parts = [(r[f"pseudo_recall_real_{w}_synthetic"], r[f"dhat_real_defects_{w}_synthetic"]) for w in ("with", "without")]
+    seen = [(rec, dhat) for rec, dhat in parts if rec is not None]
+    assert seen and all(0.0 <= rec <= 1.0 and 0.0 <= dhat <= 1.0 for rec, dhat in seen)
+    if len(seen) == 1:  # every real defect fell in one kind of batch: its recall is the real recall
+        assert seen[0][0] == pytest.approx(r["pseudo_recall_real"])
+    else:
+        assert min(rec for rec, _ in seen) - 1e-9 <= r["pseudo_recall_real"] <= max(rec for rec, _ in seen) + 1e-9
+
+
 def test_same_seed_gives_identical_weights(fitted):
     model, _ = fitted
     again = FunAD(small()).fit(planted())
