@@ -214,6 +214,10 @@ def _threshold_table(groups: dict) -> list[str]:
     for (label, overlap), by_ratio in sorted(groups.items()):
         for ratio, v in sorted(by_ratio.items()):
             best = _mean_std(v["image_f1_max"])[0]
+            if math.isnan(best):  # no anomalous test image (e.g. all moved into training): F1 is undefined
+                lines.append(f"| {label} | {'overlap' if overlap else 'no overlap'} | {100 * ratio:g}% | n/a | "
+                             + " | ".join("n/a" for _ in THRESHOLD_RULES) + " | n/a |")
+                continue
             cells = []
             for rule in THRESHOLD_RULES:
                 mean = _mean_std(v[f"f1_thr_{rule}"])[0]

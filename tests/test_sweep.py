@@ -176,3 +176,15 @@ def test_results_csv_of_an_older_funad_is_upgraded_not_refused(tmp_path):
     foreign.write_text("key,something_else\nx,1\n")
     with pytest.raises(PipelineError, match="other columns"):
         append_row(foreign, {"key": "new"})
+
+
+def test_threshold_table_says_n_a_when_no_anomalous_test_image_is_left(tmp_path):
+    """A cell whose test set holds no anomaly (every one moved into training) has no F1: n/a, not 0.0."""
+    from funad.pipelines.sweep_report import COLUMNS, write_markdown
+
+    row = {c: "" for c in COLUMNS}
+    row.update(key="k", method="knn", overlap=0, ratio=0.1, seed=0, image_auroc="", pixel_auroc="",
+               f1_thr_quantile=0.0, f1_thr_mad=0.0, f1_thr_otsu=0.0, fit_s=1.0, score_s=2.0)
+    write_markdown(tmp_path / "r.md", [row])
+    line = next(l for l in (tmp_path / "r.md").read_text().splitlines() if l.startswith("| knn | no overlap | 10% |"))
+    assert "0.0" not in line and line.count("n/a") >= 4
