@@ -135,8 +135,10 @@ def contaminate(labels: np.ndarray, splits: np.ndarray, ratio: float, overlap: b
         candidates = np.flatnonzero(is_test & (labels == 1))
         if n_move > candidates.size:
             logger.warning("contamination %.3g asks for %d anomalies (%g x %d normal training images) but "
-                           "the test set has only %d; moving all of them", ratio, n_move, ratio,
-                           n_normal_train, candidates.size)
+                           "the test set has only %d; moving all of them%s", ratio, n_move, ratio,
+                           n_normal_train, candidates.size,
+                           "" if overlap else ", so no anomalous test image is left (no overlap) and no "
+                           "AUROC can be computed on this split")
             n_move = candidates.size
         rng = np.random.default_rng(seed)
         moved = np.sort(rng.choice(candidates, size=n_move, replace=False)).astype(np.int64)

@@ -101,3 +101,15 @@ def test_dict_round_trip_through_json():
     assert (back.ratio, back.overlap, back.seed) == (0.2, True, 5)
     with pytest.raises(ConfigError, match="moved_idx"):
         ContaminationSplit.from_dict({k: v for k, v in s.to_dict().items() if k != "moved_idx"})
+
+
+def test_moving_every_test_anomaly_without_overlap_warns_that_no_auroc_is_left(caplog):
+    labels = np.array([0] * 20 + [0] * 5 + [1] * 2)
+    splits = np.array(["train"] * 20 + ["test"] * 7)
+    with caplog.at_level("WARNING"):
+        split = contaminate(labels, splits, 0.5, overlap=False, seed=0)
+    assert split.moved_idx.size == 2 and "no anomalous test image is left" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        contaminate(labels, splits, 0.5, overlap=True, seed=0)
+    assert "moving all of them" in caplog.text and "no anomalous test image" not in caplog.text
