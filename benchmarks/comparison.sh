@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The paper's comparison on one cache per dataset (issue 12): FUN-AD, PatchCore (kNN) and SoftPatch at
+# 0/1/5/10/20% contamination (KolektorSDD: up to 10%, its 18 defective test images allow no more), both
+# overlap settings, 3 seeds, with each method's fit and scoring time. It uses the caches benchmarks/synthetic.sh
+# extracts: FUN-AD runs with the synthetic images off (`--set synthetic=off`), into that script's sweep folder,
+# so the cells it already ran are reused (and its FUN-AD* rows appear in the table too); kNN and SoftPatch never
+# train on synthetic images. About 4 hours of a 2-core CPU; every sweep resumes where it stopped.
+#
+#   bash benchmarks/comparison.sh     # writes benchmarks/results/comparison-{bottle,ksdd}.md
+source "$(dirname "$0")/env.sh"
+
+compare() {  # name, dataset folder, --dataset, ratios
+  local name=$1 cache="$OUT/${1}_syn.zarr"
+  "$BIN/funad" extract "$2" -o "$cache" --dataset "$3" "${BB[@]}" --synthetic 0.05 --seed 0
+  "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$4" --overlap both --methods funad \
+      --set synthetic=off --seeds "$SEEDS"
+  "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$4" --overlap both \
+      --methods knn,softpatch --seeds "$SEEDS"
+  {
+    echo "Command: \`SEEDS=$SEEDS bash benchmarks/comparison.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
+    echo
+    "$BIN/python" benchmarks/combine_sweeps.py "$OUT/cmp_$name" "$OUT/sweep_${name}_syn" "$OUT/cmp_${name}_base"
+  } > "benchmarks/results/comparison-$name.md"
+}
+compare bottle "$SHARED/data/mvtec_ad/bottle" mvtec 0,0.01,0.05,0.1,0.2
+compare ksdd "$SHARED/data/ksdd" ksdd 0,0.01,0.05,0.1
