@@ -68,8 +68,9 @@ class EpochStats:
         self.by_group: dict[str, list] = {"real": [0, 0, 0], "synthetic": [0, 0, 0]}  # tp, fp, fn (FUN-AD* only)
         # FUN-AD* only: the real images' true defect patches in steps whose batch holds a synthetic image and
         # in steps whose batch holds none: [labelled anomalous, count, sum of d_hat]; and how often a batch
-        # with a synthetic image has its largest distance (d_hat = 1) on a synthetic patch
-        self.real_defects: dict[str, list] = {"with": [0, 0, 0.0], "without": [0, 0, 0.0]}
+        # with a synthetic image has its largest distance (d_hat = 1) on a synthetic patch. Device tensors,
+        # summed without branching on them, so a step adds no host round trip.
+        self.real_defects = {"with": torch.zeros(3), "without": torch.zeros(3)}
         self.synthetic_steps, self.max_on_synthetic = 0, 0
 
     def add(self, step_losses, targets, diag: Diagnostics, batch_idx: np.ndarray, positions: torch.Tensor) -> None:
@@ -88,21 +89,21 @@ class EpochStats:
             self.fp = self.fp + (pred & ~truth).sum()
             self.fn = self.fn + (~pred & truth).sum()
             if diag.synthetic is not None:  # split by real and synthetic images: which of them the labels find
-                on_syn = diag.synthetic[torch.as_tensor(batch_idx)].to(pred.device)
-                on_syn = on_syn[:, None].expand(-1, positions.numel()).flatten()
+                syn_batch = diag.synthetic[torch.as_tensor(batch_idx)].to(pred.device)
+                on_syn = syn_batch[:, None].expand(-1, positions.numel()).flatten()
                 for group, sel in (("real", ~on_syn), ("synthetic", on_syn)):
                     counts = self.by_group[group]
                     for i, hit in enumerate((pred & truth & sel, pred & ~truth & sel, ~pred & truth & sel)):
                         counts[i] = counts[i] + hit.sum()
-                has_synthetic = bool(diag.synthetic[torch.as_tensor(batch_idx)].any())
-                if has_synthetic:
-                    self.synthetic_steps += 1
-                    self.max_on_synthetic = self.max_on_synthetic + on_syn[targets.d.detach().argmax()]
+                with_syn = syn_batch.any()
+                self.synthetic_steps = self.synthetic_steps + with_syn
+                # the argmax can only be on a synthetic patch when the batch holds one
+                self.max_on_synthetic = self.max_on_synthetic + on_syn[targets.d.detach().argmax()]
                 real_defect = truth & ~on_syn
-                acc = self.real_defects["with" if has_synthetic else "without"]
-                acc[0] = acc[0] + (pred & real_defect).sum()
-                acc[1] = acc[1] + real_defect.sum()
-                acc[2] = acc[2] + targets.d_hat.detach().float()[real_defect].sum()
+                step = torch.stack([(pred & real_defect).sum(), real_defect.sum(),
+                                    (targets.d_hat.detach() * real_defect).sum()]).float()
+                for when, weight in (("with", with_syn), ("without", ~with_syn)):
+                    self.real_defects[when] = self.real_defects[when].to(step.device) + step * weight
 
     def record(self, epoch: int, times: dict, diag: Diagnostics) -> dict:
         """The epoch's record for ``FunAD.fit``'s callback (see its docstring for the keys)."""
@@ -128,10 +129,10 @@ class EpochStats:
                 on_syn = sum(int(c) for c in self.by_group["synthetic"][:2])
                 total = on_syn + sum(int(c) for c in self.by_group["real"][:2])
                 out["pseudo_share_synthetic"] = on_syn / total if total else None
-                out["batch_max_on_synthetic"] = (int(self.max_on_synthetic) / self.synthetic_steps
-                                                 if self.synthetic_steps else None)
-                for when, (hits, count, dhat) in self.real_defects.items():
-                    count = int(count)
-                    out[f"pseudo_recall_real_{when}_synthetic"] = int(hits) / count if count else None
-                    out[f"dhat_real_defects_{when}_synthetic"] = float(dhat) / count if count else None
+                steps = int(self.synthetic_steps)
+                out["batch_max_on_synthetic"] = int(self.max_on_synthetic) / steps if steps else None
+                for when, sums in self.real_defects.items():
+                    hits, count, dhat = sums.tolist()
+                    out[f"pseudo_recall_real_{when}_synthetic"] = hits / count if count else None
+                    out[f"dhat_real_defects_{when}_synthetic"] = dhat / count if count else None
         return out
