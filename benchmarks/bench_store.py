@@ -43,8 +43,12 @@ import h5py
 import numpy as np
 import zarr
 
+import torch
+
 from funad import cache
 from funad.cache import writeback
+
+from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
 
 early = writeback._sync_file_range  # None where the OS has no sync_file_range
 
@@ -147,6 +151,17 @@ def file_create_cost(where: Path, n: int = 400) -> float:
 def chunk_files(path: Path) -> int:
     """Files under a zarr store that hold chunks (everything but the zarr.json metadata)."""
     return sum(1 for _, _, fs in os.walk(path) for f in fs if f != "zarr.json")
+
+
+def read_pair(path: Path, k: int, cold: bool) -> tuple[float, float]:
+    """(unchecked, checked) seconds of two reads of the store, the checked one first when ``k`` is even (so
+    alternating ``k`` takes turns), each from the disk when ``cold`` or else from the page cache."""
+    secs = {}
+    for checked in ((True, False) if k % 2 == 0 else (False, True)):
+        if cold:
+            drop_from_page_cache(path)
+        secs[checked] = store_read(path, checked=checked)
+    return secs[False], secs[True]
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -276,6 +291,8 @@ def main() -> None:
     n = args.images
     print(f"# Feature store throughput\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`\n")
     print(f"Machine: {machine(base)}\n")
+    print(f"float32 matmul peak (8192x768 @ 768x8192), same run, to show whether the machine was idle: "
+          f"{matmul_flops(torch.device('cpu'), 768) / 1e9:.0f} GFLOP/s\n")
     extra = (f"; writes also store {args.side} x {args.side} masks (empty) and previews, as extract does, but "
              "MB/s counts token bytes only (\"all bytes\" counts every byte the store's files hold)" if args.side else "")
     print(f"{n} images per store, written in batches of {BATCH}, read in chunks of 64; MB = 10^6 bytes{extra}. "
@@ -310,11 +327,8 @@ def main() -> None:
                         shutil.rmtree(path) if path.is_dir() else path.unlink()
                     sync_to_disk(base)
                     secs, cpu = store_write(path, fmt, n, p, c, w, args.side, g)
-                    reads = {}
-                    for checked in ((True, False) if r % 2 == 0 else (False, True)):  # alternate which goes first
-                        drop_from_page_cache(path)
-                        reads[checked] = store_read(path, checked=checked)
-                    runs.append((secs, cpu, reads[True], reads[False], bytes_on_disk(path)))
+                    plain_read, checked_read = read_pair(path, r, cold=True)
+                    runs.append((secs, cpu, checked_read, plain_read, bytes_on_disk(path)))
                 secs, cpu, rsecs, plain_secs, written = (float(np.median(v)) for v in zip(*runs))
                 if fmt == "zarr" and (g, wb) == default:
                     files_per_image = chunk_files(path) / n
@@ -327,10 +341,7 @@ def main() -> None:
                     best_rate = max(best_rate or 0.0, n / secs)
                 if w == args.writers[-1] and (g, wb) == default:  # the check's cost: cold and page-cache reads
                     store_read(path)  # warm the cache
-                    warm = []
-                    for k in range(5):
-                        pair = {ch: store_read(path, checked=ch) for ch in ((False, True) if k % 2 else (True, False))}
-                        warm.append((pair[False], pair[True]))
+                    warm = [read_pair(path, k, cold=False) for k in range(5)]
                     cost[fmt] = ((plain_secs, rsecs), tuple(float(np.median(v)) for v in zip(*warm)))
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             print()
