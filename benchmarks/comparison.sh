@@ -9,12 +9,12 @@
 #   bash benchmarks/comparison.sh     # writes benchmarks/results/comparison-{bottle,ksdd}.md
 source "$(dirname "$0")/env.sh"
 
-compare() {  # name, dataset folder, --dataset, ratios
+compare() {  # name (bottle or ksdd), ratios
   local name=$1 cache="$OUT/${1}_syn.zarr"
-  "$BIN/funad" extract "$2" -o "$cache" --dataset "$3" "${BB[@]}" --synthetic 0.05 --seed 0
-  "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$4" --overlap both --methods funad \
+  extract_syn "$name"
+  "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$2" --overlap both --methods funad \
       --set synthetic=off --seeds "$SEEDS"
-  "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$4" --overlap both \
+  "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$2" --overlap both \
       --methods knn,softpatch --seeds "$SEEDS"
   {
     echo "Command: \`SEEDS=$SEEDS bash benchmarks/comparison.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
@@ -22,5 +22,5 @@ compare() {  # name, dataset folder, --dataset, ratios
     "$BIN/python" benchmarks/combine_sweeps.py "$OUT/cmp_$name" "$OUT/sweep_${name}_syn" "$OUT/cmp_${name}_base"
   } > "benchmarks/results/comparison-$name.md"
 }
-compare bottle "$SHARED/data/mvtec_ad/bottle" mvtec 0,0.01,0.05,0.1,0.2
-compare ksdd "$SHARED/data/ksdd" ksdd 0,0.01,0.05,0.1
+compare bottle 0,0.01,0.05,0.1,0.2
+compare ksdd 0,0.01,0.05,0.1

@@ -29,11 +29,10 @@ bottle_sweep() {
   "$BIN/funad" sweep "$OUT/bottle_syn.zarr" -o "$OUT/sweep_bottle_syn" --contamination 0,0.01,0.1 \
       --overlap "$1" --methods funad --seeds "$SEEDS" --set "synthetic=$ARMS"
 }
-"$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn.zarr" --dataset mvtec "${BB[@]}" \
-    --synthetic 0.05 --seed 0
+extract_syn bottle
 bottle_sweep no-overlap
 report
-"$BIN/funad" extract "$SHARED/data/ksdd" -o "$OUT/ksdd_syn.zarr" --dataset ksdd "${BB[@]}" --synthetic 0.05 --seed 0
+extract_syn ksdd
 "$BIN/funad" sweep "$OUT/ksdd_syn.zarr" -o "$OUT/sweep_ksdd_syn" --contamination 0 --overlap no-overlap \
     --methods funad --seeds "$SEEDS" --set "synthetic=$ARMS"
 report
