@@ -214,11 +214,11 @@ def k_center_greedy(x: torch.Tensor, n_select: int, first: int, batch: int = _BA
     bound = points.sqdist(None, int(first))
     seen = torch.ones(m, dtype=torch.int64, device=x.device)
     t = 1
-    floor = None  # every point whose bound is >= floor is in the running for the next rounds' batches
+    floor = float("inf")  # every point whose bound is >= floor is in the running for the next rounds' batches
     while t < n_select:
         k = min(batch + 1, m)
-        pool = None if floor is None else torch.nonzero(bound >= floor).squeeze(1)
-        if pool is None or pool.numel() < k:
+        pool = torch.nonzero(bound >= floor).squeeze(1)
+        if pool.numel() < k:
             # Bounds only fall, so the top ranks of the next several rounds lie among today's top
             # _POOL_ROUNDS x batch: one pass over every point serves those rounds, where a top-k of all M
             # bounds per round was a large share of the time.
