@@ -15,7 +15,7 @@ import torch
 
 from .data import FeatureSource
 from .localnet import LocalNet
-from .ops import autocast, images_per_chunk, minmax
+from .ops import autocast, images_per_chunk, minmax, row_blocks
 
 
 @dataclass
@@ -67,16 +67,18 @@ def score_images(net: LocalNet, source: FeatureSource, device: torch.device, *,
     step = images_per_chunk(p)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        f = source.get(idx_all[rows]).to(device)
-        with autocast(device, bf16):
-            a = net.adapt(f)
-            s = net.discriminate(a)
-        if keep_adapted:
-            if adapted is None:
-                adapted = torch.empty((n, p, a.shape[-1]), dtype=a.dtype, device=device)
-            adapted[rows] = a
-        scores[rows] = s.float().amax(dim=1)
-    return ScoredImages(images, scores, adapted)
+        f = source.get(idx_all[rows]).to(device).flatten(0, 1)
+        patch_scores = torch.empty(f.shape[0], dtype=torch.float32, device=device)
+        for block in row_blocks(f.shape[0], device):  # the read chunk, in cache-sized matmul blocks
+            with autocast(device, bf16):
+                a = net.adapt(f[block])
+                patch_scores[block] = net.discriminate(a).float()
+            if keep_adapted:
+                if adapted is None:
+                    adapted = torch.empty((n * p, a.shape[-1]), dtype=a.dtype, device=device)
+                adapted[block.start + rows.start * p:block.stop + rows.start * p] = a
+        scores[rows] = patch_scores.view(-1, p).amax(dim=1)
+    return ScoredImages(images, scores, None if adapted is None else adapted.view(n, p, -1))
 
 
 def bank_candidates(image_scores: torch.Tensor, tau_b: float, rule: str = "minmax") -> torch.Tensor:

@@ -21,7 +21,7 @@ from .localnet import LocalNet
 from .memory_bank import (ScoredImages, bank_candidates, draw_pool, gather_adapted, sample_bank_images,
                           sample_bank_patches, score_images)
 from .nn import NNIndex
-from .ops import autocast, images_per_chunk
+from .ops import autocast, images_per_chunk, row_blocks
 from .perturb import draw_noise
 from .train_stats import Clock, Diagnostics, EpochStats
 from .train_step import make_targets, optimise, use_synthetic
@@ -282,9 +282,13 @@ class FunAD:
         score = self.net_.logits if self.config.score_space == "logit" else self.net_
         out = np.empty((source.n_images, source.n_patches), dtype=np.float32)
         step = images_per_chunk(source.n_patches)
+        flat = out.reshape(-1)
         for start in range(0, source.n_images, step):
             idx = np.arange(start, min(source.n_images, start + step))
-            out[idx] = score(source.get(idx).to(self.device_)).float().cpu().numpy()
+            f = source.get(idx).to(self.device_).flatten(0, 1)
+            base = start * source.n_patches
+            for block in row_blocks(f.shape[0], self.device_):  # cache-sized matmul blocks
+                flat[base + block.start:base + block.stop] = score(f[block]).float().cpu().numpy()
         return out
 
     def score_images(self, features: FeaturesLike) -> np.ndarray:

@@ -38,3 +38,16 @@ def autocast(device: torch.device, enabled: bool):
 def images_per_chunk(n_patches: int, rows: int = 32768) -> int:
     """Images per chunk so that one chunk holds about ``rows`` patches (bounds scoring memory)."""
     return max(1, rows // max(1, n_patches))
+
+
+# Rows of one matmul block when a network runs over many patches without gradient. On the CPU a 4096-row block
+# keeps its (4096, 1024) float32 activation (16 MiB) in cache: the Local-Net's forward ran at 99% of the float32
+# matmul peak in 4096-row blocks against 61% in the 32768-row chunks it was given before (2-core Xeon, same run).
+# Accelerators want larger launches.
+_BLOCK_ROWS = {"cpu": 4096, "other": 65536}
+
+
+def row_blocks(n_rows: int, device: torch.device) -> list[slice]:
+    """Slices of at most a cache-sized block of rows (see ``_BLOCK_ROWS``) covering ``range(n_rows)``."""
+    step = _BLOCK_ROWS["cpu" if device.type == "cpu" else "other"]
+    return [slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
