@@ -45,6 +45,14 @@ def auto_precision(device: torch.device, recorded: Optional[str] = None) -> str:
     """
     if recorded:
         return recorded
+    if has_native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic natively: a CUDA device that supports it, or a CPU with
+    :data:`BF16_CPU_FLAGS`."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()

@@ -497,3 +497,13 @@ def test_available_ram_counts_the_page_cache_the_kernel_can_drop(tmp_path):
     assert available_ram(str(meminfo)) == 20000000 * 1024
     # Without /proc/meminfo (other systems): the free pages, never an error.
     assert available_ram(str(tmp_path / "absent")) >= 0
+
+
+@pytest.mark.parametrize("native, bf16, hinted", [(True, False, True), (True, True, False), (False, False, False)])
+def test_fit_points_to_bf16_only_where_the_hardware_has_it(store_path, tmp_path, monkeypatch, caplog, native, bf16,
+                                                            hinted):
+    monkeypatch.setattr(fit_pipeline, "has_native_bf16", lambda device: native)
+    with caplog.at_level("INFO", logger="funad.pipelines.fit"):
+        fit_pipeline.fit(store_path, tmp_path / "m", fit_pipeline.FitSpec(overrides=(("batch_size", 4), ("bf16", bf16)),
+                                                                          epochs=1), device="cpu")
+    assert ("--set bf16=true" in caplog.text) is hinted
