@@ -11,6 +11,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
+    ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, MVTec AD bottle", "comparison-bottle.md"),
+    ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, KolektorSDD", "comparison-ksdd.md"),
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
     ("Quality: FUN-AD on bottle at 0% and 1% contamination", "quality-bottle-low.md"),
     ("Quality: KolektorSDD", "quality-ksdd.md"),

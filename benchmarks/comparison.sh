@@ -6,7 +6,7 @@
 # so the cells it already ran are reused (and its FUN-AD* rows appear in the table too); kNN and SoftPatch never
 # train on synthetic images. About 4 hours of a 2-core CPU; every sweep resumes where it stopped.
 #
-#   bash benchmarks/comparison.sh     # writes benchmarks/results/comparison-{bottle,ksdd}.md
+#   bash benchmarks/comparison.sh     # writes benchmarks/results/comparison-{bottle,ksdd}.{md,png}
 source "$(dirname "$0")/env.sh"
 
 compare() {  # name (bottle or ksdd), ratios
@@ -21,6 +21,8 @@ compare() {  # name (bottle or ksdd), ratios
     echo
     "$BIN/python" benchmarks/combine_sweeps.py "$OUT/cmp_$name" "$OUT/sweep_${name}_syn" "$OUT/cmp_${name}_base"
   } > "benchmarks/results/comparison-$name.md"
+  cp "$OUT/cmp_$name/auroc_vs_contamination.png" "benchmarks/results/comparison-$name.png"
+  echo "![AUROC against contamination, $name](benchmarks/results/comparison-$name.png)" >> "benchmarks/results/comparison-$name.md"
 }
 compare bottle 0,0.01,0.05,0.1,0.2
 compare ksdd 0,0.01,0.05,0.1
