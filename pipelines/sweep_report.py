@@ -237,7 +237,9 @@ def _time_table(rows: Sequence[dict]) -> list[str]:
             by_label.setdefault(_row_label(r), []).append(r)
     lines = ["## Fit and scoring time (s), median (min-max) over each method's cells", "",
              "Wall seconds on the machine that ran the sweep (`device` in results.csv). Fit: the whole training "
-             "(FUN-AD) or the bank and its coreset (kNN, SoftPatch); scoring: the test set's maps and scores. "
+             "(FUN-AD) or the bank and its coreset (kNN, SoftPatch), then the unlabelled thresholds, which score "
+             "every training image (for kNN and SoftPatch each against the bank without its own patches, an exact "
+             "search that costs more than building the bank); scoring: the test set's maps and scores. "
              "Cells that shared the cores with other jobs are slower, so compare methods within one sweep.", "",
              "| method | cells | fit | scoring |", "|---|---|---|---|"]
 
