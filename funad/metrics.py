@@ -55,6 +55,28 @@ def _as_scores(scores: np.ndarray, what: str) -> np.ndarray:
     return scores
 
 
+def _descending_order(scores: np.ndarray) -> np.ndarray:
+    """A permutation that sorts ``scores`` (1-D, finite) in descending order; ties in any order.
+
+    float32 scores (anomaly maps) of fewer than 2**32 values take a faster
+    path than ``np.argsort``: each score becomes an order-preserving 32-bit
+    integer key, packed above its 32-bit index into one int64, and the packed
+    values are sorted by value (numpy's vectorised sort) instead of by index.
+    The scores come back in exactly argsort's order; only the order within
+    tied scores may differ, which no curve here depends on (each keeps the
+    last point of every run of ties).
+    """
+    if scores.dtype != np.float32 or scores.size >= 2**32:
+        return np.argsort(scores)[::-1]
+    bits = scores.view(np.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)  # order-preserving for finite floats
+    key <<= 32
+    key |= np.arange(scores.size, dtype=np.int64)
+    key.sort()
+    key &= 0xFFFFFFFF
+    return key[::-1]
+
+
 def _binary_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative true/false positives at every distinct score, descending.
 
@@ -67,7 +89,7 @@ def _binary_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray,
         for ``score >= thresholds[i]`` gives ``tps[i]`` true and ``fps[i]``
         false positives (scikit-learn's ``_binary_clf_curve``).
     """
-    order = np.argsort(scores)[::-1]
+    order = _descending_order(scores)
     sorted_scores = scores[order]
     sorted_pos = positive[order]
     del order
@@ -239,7 +261,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> Optional[tuple[np.ndarray,
     pro_change = all_pixels(pro_change)
 
     scores = all_pixels(maps)
-    order = np.argsort(scores)[::-1]
+    order = _descending_order(scores)
     scores = scores[order]
     fps = np.cumsum(~gt[order], dtype=np.int64)
     pros = np.cumsum(pro_change[order])

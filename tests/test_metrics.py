@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from funad.errors import DataError
-from funad.metrics import aupro, image_metrics, pixel_metrics, pro_curve
+from funad.metrics import _descending_order, aupro, image_metrics, pixel_metrics, pro_curve
 
 
 # --------------------------------------------------------------------------- image level
@@ -109,6 +109,17 @@ def test_pixel_metrics_match_sklearn():
     assert f1_score(y, s >= m["pixel_f1_threshold"]) == pytest.approx(best, abs=1e-9)
 
 
+def test_descending_order_of_float32_matches_argsort():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1e3, 500), rng.normal(0, 1e-30, 50), np.round(rng.random(300), 1),
+                        [0.0, -0.0, np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -1e-45]])
+    x = rng.permutation(x).astype(np.float32)
+    order = _descending_order(x)
+    assert sorted(order.tolist()) == list(range(x.size))  # a permutation
+    assert np.array_equal(x[order], np.sort(x)[::-1])  # the same values in the same order as argsort's
+    assert np.array_equal(_descending_order(x.astype(np.float64)), np.argsort(x.astype(np.float64))[::-1])
+
+
 def test_pixel_metrics_perfect_and_equal_maps():
     masks = np.zeros((2, 4, 4), dtype=np.uint8)
     masks[0, 1:3, 1:3] = 1
@@ -193,14 +204,15 @@ def test_aupro_two_regions_in_two_images_by_hand():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_aupro_matches_brute_force(seed):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # float32 maps take the packed-sort path
+def test_aupro_matches_brute_force(seed, dtype):
     rng = np.random.default_rng(seed)
     masks = np.zeros((5, 12, 12), dtype=np.uint8)
     masks[0, 2:5, 2:6] = 1
     masks[0, 8:11, 8:10] = 1
     masks[2, 5:9, 1:3] = 1
     masks[3, 0:2, 10:12] = 1
-    maps = np.round(rng.random(masks.shape) + 0.5 * masks, 2)  # ties across images
+    maps = np.round(rng.random(masks.shape) + 0.5 * masks, 2).astype(dtype)  # ties across images
     for limit in (0.05, 0.3, 1.0):
         assert aupro(masks, maps, limit) == pytest.approx(_brute_force_aupro(masks, maps, limit), abs=1e-9)
 
