@@ -223,7 +223,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         logger.info("fitting %s on %d images of %s on %s (%s tokens, %d synthetic)", spec.method, len(train_ids),
                     store.path, dev, spec.tokens, len(split["synthetic_ids"]))
         if spec.method == "funad" and not config_dict.get("bf16") and has_native_bf16(dev):
-            logger.info("%s has native bf16 arithmetic: --set bf16=true ran a default bottle fit 1.56x faster at "
+            logger.info("The %s device has native bf16 arithmetic: --set bf16=true ran a default bottle fit 1.56x faster at "
                         "the same accuracy (3 seeds, bottle and KolektorSDD; BENCHMARKS.md). It stays off by "
                         "default so that a fit gives the same numbers on every machine.", dev)
         if spec.tokens == "class" and eval_every is not None:
