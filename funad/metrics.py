@@ -62,9 +62,9 @@ def _descending_order(scores: np.ndarray) -> np.ndarray:
     path than ``np.argsort``: each score becomes an order-preserving 32-bit
     integer key, packed above its 32-bit index into one int64, and the packed
     values are sorted by value (numpy's vectorised sort) instead of by index.
-    The scores come back in exactly argsort's order; only the order within
-    tied scores may differ, which no curve here depends on (each keeps the
-    last point of every run of ties).
+    The sorted scores are the same as through ``np.argsort``; only the order
+    of the indices within a run of tied scores may differ, which no curve
+    here depends on (each keeps the last point of every run of ties).
     """
     if scores.dtype != np.float32 or scores.size >= 2**32:
         return np.argsort(scores)[::-1]

@@ -41,9 +41,9 @@ def images_per_chunk(n_patches: int, rows: int = 32768) -> int:
 
 
 # Rows of one matmul block when a network runs over many patches without gradient. On the CPU a 4096-row block
-# keeps its (4096, 1024) float32 activation (16 MiB) in cache: the Local-Net's forward ran at 99% of the float32
-# matmul peak in 4096-row blocks against 61% in the 32768-row chunks it was given before (2-core Xeon, same run).
-# Accelerators want larger launches.
+# keeps its (4096, 1024) float32 activation (16 MiB) in cache; in 32768-row chunks a faithful bank rebuild took
+# 3.8-4.0 s against 3.4-3.5 s in these blocks (benchmarks/results/fit.md, sixth session). Accelerators want
+# larger launches.
 _BLOCK_ROWS = {"cpu": 4096, "other": 65536}
 
 
