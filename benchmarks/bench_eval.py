@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from bench_fit import matmul_flops  # this directory: the peak as bench_fit measures it
 from funad.anomaly_map import _gaussian_blur_torch, patch_scores_to_maps
 from funad.coreset import approximate_greedy_coreset
 from funad.knn import KNNScorer
@@ -61,7 +62,9 @@ def main() -> None:
     print(f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, numpy {np.__version__}; shared CPU, so absolute times are noisy")
     print(f"- test set: {n} images, masks {side}x{side} ({n * side * side / 1e6:.1f} M pixels), grid {grid}x{grid}; "
-          "peak memory = tracemalloc peak of numpy/python allocations\n")
+          "peak memory = tracemalloc peak of numpy/python allocations")
+    print(f"- float32 matmul peak (8192x768 @ 768x8192), same run: "
+          f"{matmul_flops(torch.device('cpu'), 768) / 1e9:.0f} GFLOP/s\n")
 
     masks, maps, patch = synthetic_test_set(n, side, grid)
     y, s = masks.ravel(), maps.ravel()
