@@ -10,19 +10,22 @@
 source "$(dirname "$0")/env.sh"
 
 compare() {  # name (bottle or ksdd), ratios
-  local name=$1 cache="$OUT/${1}_syn.zarr"
+  local name=$1 cache="$OUT/${1}_syn.zarr" table="benchmarks/results/comparison-$1.md" reading
   extract_syn "$name"
   "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$2" --overlap both --methods funad \
       --set synthetic=off --seeds "$SEEDS"
   "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$2" --overlap both \
       --methods knn,softpatch --seeds "$SEEDS"
+  # A hand-written "## Reading" section at the end of the table survives a re-run.
+  reading=$(sed -n '/^## Reading/,$p' "$table" 2>/dev/null || true)
   {
     echo "Command: \`SEEDS=$SEEDS bash benchmarks/comparison.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F))"
     echo
     "$BIN/python" benchmarks/combine_sweeps.py "$OUT/cmp_$name" "$OUT/sweep_${name}_syn" "$OUT/cmp_${name}_base"
-  } > "benchmarks/results/comparison-$name.md"
+  } > "$table"
   cp "$OUT/cmp_$name/auroc_vs_contamination.png" "benchmarks/results/comparison-$name.png"
-  echo "![AUROC against contamination, $name](benchmarks/results/comparison-$name.png)" >> "benchmarks/results/comparison-$name.md"
+  echo "![AUROC against contamination, $name](benchmarks/results/comparison-$name.png)" >> "$table"
+  if [ -n "$reading" ]; then printf '\n%s\n' "$reading" >> "$table"; fi
 }
 compare bottle 0,0.01,0.05,0.1,0.2
 compare ksdd 0,0.01,0.05,0.1
