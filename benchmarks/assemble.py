@@ -30,6 +30,7 @@ ORDER = [
     ("FUN-AD* on KolektorSDD: where the pseudo-anomalies go", "synthetic-labels-ksdd.md"),
     ("Speed: the default preset's iteration at 1,000 training images", "scale.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
+    ("Speed: the authors' training loop against funad's faithful one", "authors-loop.md"),
     ("Speed: whole default fits, wall time", "fit-wall.md"),
     ("Quality: bf16 autocast against fp32", "bf16-quality.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
