@@ -20,7 +20,7 @@ ORDER = [
     ("Speed: the full-frame geometry (tiles) against the paper's", "geometry-speed.md"),
     ("Speed: making FUN-AD* synthetic images against the forward pass", "synthetic-speed.md"),
     ("Speed: extract", "extract.md"),
-    ("Fit: what each deviation costs at P = 196 (ablation)", "ablation.md"),
+    ("Fit: what each deviation costs at P = 196 (ablation), bottle", "ablation-bottle196.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
     ("Decisions without labels: threshold rules against F1-max", "thresholds.md"),
     ("Decisions without labels: pixel-threshold rules against pixel F1-max", "pixel-thresholds.md"),
