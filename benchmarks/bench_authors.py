@@ -12,8 +12,8 @@ half and after the last.
 
 Their code runs unmodified. The harness changes only what surrounds it:
 
-- their GPU index (``faiss.GpuIndexFlatL2``) becomes faiss's CPU flat index (``faiss.IndexFlatL2``) when no
-  GPU is visible: the same exact L2 search, on the CPU;
+- their GPU index (``faiss.GpuIndexFlatL2``) becomes faiss's CPU flat index (``faiss.IndexFlatL2``): the same
+  exact L2 search, on the CPU (the harness refuses to run with a GPU visible);
 - their ``faiss.omp_set_num_threads(4)`` is capped at this machine's logical CPUs;
 - modules that the timed path never calls are stubs that raise if anything in them is called: wandb, cv2,
   imgaug, skimage, pandas and their own dataset, dataload, inference and model_utils;
@@ -116,24 +116,24 @@ def install_shims(rec: Recorder) -> None:
         sys.modules[name] = _StubModule(name)
     sys.modules["imgaug"].augmenters = sys.modules["imgaug.augmenters"]
 
-    if faiss.get_num_gpus() == 0:
-        class FlatL2OnCpu:
-            """faiss.GpuIndexFlatL2's interface on faiss.IndexFlatL2: exact L2, on the CPU."""
+    # main() refuses to run with a GPU visible, so the GPU index always becomes the CPU one here.
+    class FlatL2OnCpu:
+        """faiss.GpuIndexFlatL2's interface on faiss.IndexFlatL2: exact L2, on the CPU."""
 
-            def __init__(self, resources, dim, config) -> None:
-                self.index = faiss.IndexFlatL2(dim)
+        def __init__(self, resources, dim, config) -> None:
+            self.index = faiss.IndexFlatL2(dim)
 
-            def add(self, x) -> None:
-                self.index.add(x)
-                if not rec.in_self_search:
-                    rec.bank_rows.append(self.index.ntotal)
+        def add(self, x) -> None:
+            self.index.add(x)
+            if not rec.in_self_search:
+                rec.bank_rows.append(self.index.ntotal)
 
-            def search(self, x, k):
-                if rec.in_self_search:
-                    return self.index.search(x, k)
-                return rec.phase("bank search (faiss)", self.index.search)(x, k)
+        def search(self, x, k):
+            if rec.in_self_search:
+                return self.index.search(x, k)
+            return rec.phase("bank search (faiss)", self.index.search)(x, k)
 
-        faiss.GpuIndexFlatL2 = FlatL2OnCpu
+    faiss.GpuIndexFlatL2 = FlatL2OnCpu
     set_threads = faiss.omp_set_num_threads
     faiss.omp_set_num_threads = lambda n: set_threads(min(n, os.cpu_count() or n))
 
