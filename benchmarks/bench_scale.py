@@ -59,6 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     pool = pool_of(args.caches)
     print("# Fit time against training-set size\n")
+    print(f"Command: `python benchmarks/bench_scale.py {' '.join(args.caches)} --n {' '.join(map(str, args.n))}"
+          f"{'' if args.preset == DEFAULT_PRESET else ' --preset ' + args.preset}` (run alone on the machine)\n")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"- features: {pool.shape[0]} real training images from {', '.join(args.caches)}, "
@@ -66,6 +68,7 @@ def main() -> None:
     print(f"- float32 matmul peak, same run: **{matmul_flops(torch.device('cpu'), pool.shape[2]) / 1e9:.0f} GFLOP/s**\n")
     print("| training images | epochs run | iterations | fit s | bank s | search s | step s | s per iteration |")
     print("|---|---|---|---|---|---|---|---|")
+    fits = {}
     for n in args.n:
         feats = resample(pool, n)
         cfg = preset(args.preset)
@@ -75,6 +78,12 @@ def main() -> None:
         phase = {k: sum(r[f"time_{k}"] for r in records) for k in ("bank", "search", "step")}
         print(f"| {n} | {len(records)} | {iters} | {seconds:.0f} | {phase['bank']:.0f} | {phase['search']:.0f} "
               f"| {phase['step']:.0f} | {seconds / iters:.3f} |", flush=True)
+        fits[n] = seconds
+    if len(fits) > 1:
+        small, large = min(fits), max(fits)
+        print(f"\n- {large} images against {small}: {large / small:.1f}x the images, "
+              f"{fits[large] / fits[small]:.2f}x the fit time (same run)")
+    print("- fit s is `FunAD.fit` alone: the features are already in memory; `funad fit` adds start-up and loading")
 
 
 if __name__ == "__main__":
