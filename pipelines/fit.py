@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from funad import __version__, cache
+from funad.config import FunADConfig
 
 from . import modeldir, thresholds
 from .checkpoints import Checkpointer, check_resume, checkpoint_epoch
@@ -152,6 +153,17 @@ class _EpochLogger:
         self.task.advance(1)
 
 
+def _say_epoch_cap(config_dict: dict, n_train: int, *, asked: bool) -> None:
+    """Say when ``max_iterations`` runs fewer epochs than configured: a warning if ``--epochs`` asked for them."""
+    cfg = FunADConfig.from_dict(config_dict)
+    runs = cfg.epochs_for(n_train)
+    if runs < cfg.epochs:
+        (logger.warning if asked else logger.info)(
+            "%d training images: this fit runs %d of its %d epochs, because max_iterations=%d caps it at that many "
+            "steps (the preset's time budget); add --set max_iterations=none to run all %d", n_train, runs,
+            cfg.epochs, cfg.max_iterations, cfg.epochs)
+
+
 def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto", resident: str = "auto",
         resume: bool = False, overwrite: bool = False, checkpoint_seconds: float = 30.0,
         keep_checkpoint: bool = False, eval_every: Optional[int] = None,
@@ -222,6 +234,8 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             logger.warning(ORACLE_WARNING)
         logger.info("fitting %s on %d images of %s on %s (%s tokens, %d synthetic)", spec.method, len(train_ids),
                     store.path, dev, spec.tokens, len(split["synthetic_ids"]))
+        if spec.method == "funad":
+            _say_epoch_cap(config_dict, len(train_ids), asked=spec.epochs is not None)
         if spec.method == "funad" and not config_dict.get("bf16") and has_native_bf16(dev):
             logger.info("The %s device has native bf16 arithmetic: --set bf16=true ran a default bottle fit 1.56x faster at "
                         "the same accuracy (3 seeds, bottle and KolektorSDD; BENCHMARKS.md). It stays off by "

@@ -507,3 +507,26 @@ def test_fit_points_to_bf16_only_where_the_hardware_has_it(store_path, tmp_path,
         fit_pipeline.fit(store_path, tmp_path / "m", fit_pipeline.FitSpec(overrides=(("batch_size", 4), ("bf16", bf16)),
                                                                           epochs=1), device="cpu")
     assert ("--set bf16=true" in caplog.text) is hinted
+
+
+def test_epochs_cut_by_the_iteration_cap_are_announced(store_path, tmp_path, caplog):
+    # 8 training images in batches of 4 are 2 steps per epoch; a cap of 2 steps leaves 1 of the 3 epochs asked for.
+    spec = fit_pipeline.FitSpec(overrides=(("batch_size", 4), ("max_iterations", 2)), epochs=3)
+    with caplog.at_level("INFO", logger="funad.pipelines.fit"):
+        result = fit_pipeline.fit(store_path, tmp_path / "m", spec, device="cpu")
+    assert len(result.log) == 1
+    capped = [r for r in caplog.records if "max_iterations=2" in r.getMessage()]
+    assert [r.levelname for r in capped] == ["WARNING"]
+    assert "runs 1 of its 3 epochs" in capped[0].getMessage()
+    assert "--set max_iterations=none" in capped[0].getMessage()
+    # Without --epochs the preset's own budget is only reported; with the cap lifted, nothing is said.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="funad.pipelines.fit"):
+        fit_pipeline.fit(store_path, tmp_path / "n", fit_pipeline.FitSpec(
+            overrides=(("batch_size", 4), ("max_iterations", 2), ("epochs", 3))), device="cpu")
+    assert [r.levelname for r in caplog.records if "max_iterations=2" in r.getMessage()] == ["INFO"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="funad.pipelines.fit"):
+        fit_pipeline.fit(store_path, tmp_path / "o", fit_pipeline.FitSpec(
+            overrides=(("batch_size", 4), ("max_iterations", None)), epochs=2), device="cpu")
+    assert "max_iterations" not in caplog.text
