@@ -54,6 +54,13 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return label, name, overrides
 
 
+def changed_from_paper(config_json: str) -> str:
+    """The settings of a stored variant config that differ from ``preset("paper")``, as ``NAME=V,NAME=V``
+    (epochs left out: every variant of one table runs the same), or "" when there are none."""
+    config, paper = json.loads(config_json), preset("paper").to_dict()
+    return ",".join(f"{k}={v}" for k, v in config.items() if k not in ("seed", "epochs") and v != paper.get(k))
+
+
 def mean_std(values: list[float]) -> str:
     v = np.asarray(values, dtype=float) * 100
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
@@ -122,15 +129,19 @@ def main() -> None:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    changed = {v: changed_from_paper(next(r["config"] for r in rows if r["variant"] == v)) for v in variants}
+    # Rows of earlier runs (another --variant list) stay in the CSV; the command names them by their settings.
+    given = {parse_variant(t)[0]: t for t in args.variant}
+    specs = [given.get(v, f"{v}=paper" + (f":{changed[v]}" if changed[v] else "")) for v in variants]
     lines = [f"Command: `python benchmarks/ablation.py {args.cache} --ratio {args.ratio}"
              f"{' --overlap' if args.overlap else ''} --seeds {args.seeds}"
              + (f" --epochs {args.epochs}" if args.epochs else "")
-             + "".join(f" --variant '{v}'" for v in args.variant) + f" --out {args.out}`",
+             + "".join(f" --variant '{t}'" for t in specs) + f" --out {args.out}`",
              f"({platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; final epoch, no test labels "
              "inside the fit; mean ± std over seeds; fit time only comparable within one idle run)", "",
-             "| variant | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | last bank images | bank purity "
-             "| pseudo recall | pseudo precision | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | settings changed from `paper` | seeds | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| last bank images | bank purity | pseudo recall | pseudo precision | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
 
@@ -138,7 +149,7 @@ def main() -> None:
             vals = [float(r[key]) for r in rs if r[key] not in ("", "None")]
             return fmt.format(np.mean(vals)) if vals else "n/a"
 
-        lines.append(f"| {v} | {len(rs)} | " + " | ".join(mean_std([float(r[k]) for r in rs]) for k in METRICS)
+        lines.append(f"| {v} | {changed[v].replace(',', ', ') or 'none'} | {len(rs)} | " + " | ".join(mean_std([float(r[k]) for r in rs]) for k in METRICS)
                      + f" | {col('final_bank_images', '{:.0f}')} | {col('final_bank_purity')} "
                      f"| {col('final_pseudo_recall')} | {col('final_pseudo_precision')} | {col('fit_s', '{:.0f}')} |")
     md_path.write_text("\n".join(lines) + "\n")
