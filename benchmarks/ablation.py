@@ -38,6 +38,8 @@ from funad.pipelines.features import load_features
 from funad.pipelines.fit_data import diagnostics_for, split_cache
 from funad.pipelines.scoring import measure, score_tensor
 
+from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
+
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
@@ -87,6 +89,8 @@ def main() -> None:
     device = torch.device("cpu")
     with cache.open(args.cache, mode="r") as store:
         for seed in (int(s) for s in args.seeds.split(",")):
+            if all((parse_variant(t)[0], seed) in done for t in args.variant):
+                continue  # nothing left to fit for this seed: do not load its features
             split = split_cache(store, args.ratio, args.overlap, seed)
             train_ids = np.asarray(split["train_ids"])
             test_ids = np.asarray(split["test_ids"])
@@ -103,6 +107,7 @@ def main() -> None:
                     overrides["epochs"] = args.epochs
                 cfg = preset(name, seed=seed, **overrides)
                 records: list[dict] = []
+                peak = matmul_flops(device, train.shape[-1]) / 1e9  # fit times are read against this
                 start = time.perf_counter()
                 model = FunAD(cfg).fit(train, device=device, callback=records.append, diagnostics=diagnostics)
                 fit_s = time.perf_counter() - start
@@ -122,7 +127,8 @@ def main() -> None:
                     w.writerow(row)
                 with open(log_path, "a") as f:
                     for r in records:
-                        f.write(json.dumps({"variant": label, "seed": seed, **r}) + "\n")
+                        f.write(json.dumps({"variant": label, "seed": seed, "matmul_gflops": round(peak, 1), **r})
+                                + "\n")
                 print(f"{label} seed {seed}: image {m['image_auroc']:.4f} pixel {m['pixel_auroc']:.4f} "
                       f"aupro {m['aupro']:.4f} fit {fit_s:.0f} s bank {records[-1]['bank_images']}", flush=True)
 
@@ -133,25 +139,37 @@ def main() -> None:
     # Rows of earlier runs (another --variant list) stay in the CSV; the command names them by their settings.
     given = {parse_variant(t)[0]: t for t in args.variant}
     specs = [given.get(v, f"{v}=paper" + (f":{changed[v]}" if changed[v] else "")) for v in variants]
+    epochs = [json.loads(line) for line in open(log_path)] if log_path.is_file() else []
+    peaks = {(e["variant"], e["seed"]): e["matmul_gflops"] for e in epochs if "matmul_gflops" in e}
     lines = [f"Command: `python benchmarks/ablation.py {args.cache} --ratio {args.ratio}"
              f"{' --overlap' if args.overlap else ''} --seeds {args.seeds}"
              + (f" --epochs {args.epochs}" if args.epochs else "")
              + "".join(f" --variant '{t}'" for t in specs) + f" --out {args.out}`",
              f"({platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; final epoch, no test labels "
              "inside the fit; mean ± std over seeds; fit time only comparable within one idle run)", "",
+             (f"float32 matmul peak just before each fit: {min(peaks.values()):.0f}-{max(peaks.values()):.0f} "
+              f"GFLOP/s ({len(peaks)} of {len(rows)} fits; earlier ones did not record it)" if peaks else
+              "No fit in this table recorded a matmul peak (they ran before ablation.py measured it), so their "
+              "times compare only with each other."), "",
              "| variant | settings changed from `paper` | seeds | image AUROC | pixel AUROC | AUPRO@0.3 "
-             "| last bank images | bank purity | pseudo recall | pseudo precision | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| last bank images | bank images over the epochs, mean (min-max) | lowest bank purity "
+             "| pseudo recall | pseudo precision | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
+        bank = [e["bank_images"] for e in epochs if e["variant"] == v]
+        purity = [e["bank_purity"] for e in epochs if e["variant"] == v and e.get("bank_purity") is not None]
 
         def col(key: str, fmt: str = "{:.2f}") -> str:
             vals = [float(r[key]) for r in rs if r[key] not in ("", "None")]
             return fmt.format(np.mean(vals)) if vals else "n/a"
 
-        lines.append(f"| {v} | {changed[v].replace(',', ', ') or 'none'} | {len(rs)} | " + " | ".join(mean_std([float(r[k]) for r in rs]) for k in METRICS)
-                     + f" | {col('final_bank_images', '{:.0f}')} | {col('final_bank_purity')} "
-                     f"| {col('final_pseudo_recall')} | {col('final_pseudo_precision')} | {col('fit_s', '{:.0f}')} |")
+        lines.append(f"| {v} | {changed[v].replace(',', ', ') or 'none'} | {len(rs)} | "
+                     + " | ".join(mean_std([float(r[k]) for r in rs]) for k in METRICS)
+                     + f" | {col('final_bank_images', '{:.0f}')} "
+                     + (f"| {np.mean(bank):.0f} ({min(bank)}-{max(bank)}) " if bank else "| n/a ")
+                     + (f"| {min(purity):.2f} " if purity else "| n/a ")
+                     + f"| {col('final_pseudo_recall')} | {col('final_pseudo_precision')} | {col('fit_s', '{:.0f}')} |")
     md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
