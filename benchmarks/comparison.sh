@@ -12,7 +12,7 @@ source "$(dirname "$0")/env.sh"
 compare() {  # name (bottle or ksdd), ratios
   local name=$1 cache="$OUT/${1}_syn.zarr" table="benchmarks/results/comparison-$1.md" reading
   extract_syn "$name"
-  "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$2" --overlap both --methods funad \
+  "$BIN/funad" sweep "$cache" -o "$OUT/sweep_${name}_syn" --contamination "$2" --overlap both --methods funad:fast \
       --set synthetic=off --seeds "$SEEDS"
   "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$2" --overlap both \
       --methods knn,softpatch --seeds "$SEEDS"

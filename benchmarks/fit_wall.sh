@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Wall time of a whole default `funad fit` (bottle, 10% contamination, no overlap, seed 0), in fp32 and with
+# Wall time of a whole `funad fit` (bottle, 10% contamination, no overlap, seed 0), in fp32 and with
 # bf16 autocast, one after the other, with the float32 and bfloat16 matmul peaks measured in the same run.
-# Run it alone on the machine; it writes benchmarks/results/fit-wall.md.
+# Run it alone on the machine; it writes benchmarks/results/fit-wall.md (RESULT overrides the file).
+# ARMS picks the fits, in order: fp32 (the default preset), bf16 (--set bf16=true), fast (--preset fast: the
+# same training, the Local-Net's own scores) and fast_bf16.
 #
 #   bash benchmarks/fit_wall.sh [CACHE]      # default CACHE: bench_out/bottle.zarr (benchmarks/quality.sh makes it)
+#   ARMS="fast fp32" RESULT=benchmarks/results/fit-wall-scorer.md bash benchmarks/fit_wall.sh CACHE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CACHE=${1:-bench_out/bottle.zarr}
+ARMS=${ARMS:-fp32 bf16}
+RESULT=${RESULT:-benchmarks/results/fit-wall.md}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 peaks() {
@@ -20,18 +25,24 @@ print(f'{matmul_flops(cpu, 768) / 1e9:.0f} / {matmul_flops(cpu, 768, dtype=torch
 {
   echo "# Whole default fits, wall time"
   echo
-  echo "Command: \`bash benchmarks/fit_wall.sh $CACHE\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F))"
+  echo "Command: \`ARMS=\"$ARMS\" bash benchmarks/fit_wall.sh $CACHE\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F))"
   echo
   echo "| fit | wall s | matmul peak before, fp32 / bf16 GFLOP/s |"
   echo "|---|---|---|"
-  for arm in fp32 bf16; do
+  for arm in $ARMS; do
     peak=$(peaks)
-    set_args=(); [ "$arm" = bf16 ] && set_args=(--set bf16=true)
+    case $arm in
+      fp32) set_args=() ;;
+      bf16) set_args=(--set bf16=true) ;;
+      fast) set_args=(--preset fast) ;;
+      fast_bf16) set_args=(--preset fast --set bf16=true) ;;
+      *) echo "fit_wall.sh: unknown arm '$arm' (fp32, bf16, fast, fast_bf16)" >&2; exit 2 ;;
+    esac
     start=$(date +%s.%N)
     "$BIN/funad" fit "$CACHE" -o "$OUT/$arm" --contamination 0.1 --no-overlap --seed 0 "${set_args[@]}" >/dev/null 2>&1
     end=$(date +%s.%N)
-    echo "| default preset, $arm | $(python3 -c "print(f'{$end - $start:.0f}')") | $peak |"
+    echo "| $arm${set_args[*]:+ (${set_args[*]})} | $(python3 -c "print(f'{$end - $start:.0f}')") | $peak |"
   done
   echo
   echo "Wall time includes the CLI's start-up (imports), loading the features, the fit and the unlabelled thresholds."
-} | tee benchmarks/results/fit-wall.md
+} | tee "$RESULT"

@@ -73,7 +73,8 @@ def main() -> None:
           f"`funad fit CACHE --contamination {split['ratio']} {'--overlap' if split['overlap'] else '--no-overlap'} "
           f"--seed S --eval-every N` (preset `{config.get('preset')}`: "
           + ", ".join(f"{k}={config['config'].get(k)}" for k in ("epochs", "max_iterations", "bank_every", "bank_pool", "ema",
-                                                                  "bank_patches", "batch_patches", "bank_rule", "lr"))
+                                                                  "bank_patches", "batch_patches", "bank_rule", "lr",
+                                                                  "scorer"))
           + f"; {len(dirs)} fit(s)). Test metrics are a "
           "diagnostic on test labels; nothing was selected with them (the final epoch is the model).\n")
     averaged = any("test_image_auroc_last_weights" in r for log in logs.values() for r in log)
@@ -81,10 +82,16 @@ def main() -> None:
         print(f"The model's weights are a moving average (ema={config['config'].get('ema')}); the last weights of "
               "the same fits are beside them (image / pixel AUROC).\n")
     logit = any("test_pixel_auroc_logit" in r for log in logs.values() for r in log)
+    localnet = any("test_pixel_auroc_localnet" in r for log in logs.values() for r in log)
+    if localnet:
+        print(f"The model scores with `scorer={config['config'].get('scorer')}`: each point built the clean-image "
+              "bank from that epoch's weights. The Local-Net's own scores of the same weights are beside them.\n")
     extra = (" | last weights: image / pixel AUROC" if averaged else "") + (
-        " | logit scores: pixel AUROC / AUPRO" if logit else "")
+        " | logit scores: pixel AUROC / AUPRO" if logit else "") + (
+        " | Local-Net scores: image / pixel AUROC / AUPRO" if localnet else "")
     print(f"| epoch | image AUROC | pixel AUROC | AUPRO@0.3{extra} | bank images | bank purity | pseudo recall |")
-    print("|---|---|---|---|---|---|---|" + ("---|" if averaged else "") + ("---|" if logit else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if averaged else "") + ("---|" if logit else "")
+          + ("---|" if localnet else ""))
     for e in epochs:
         rows = [r for log in logs.values() for r in log if r["epoch"] == e and "test_image_auroc" in r]
         last = ""
@@ -94,6 +101,10 @@ def main() -> None:
         if logit:
             last += (f" | {cell([r['test_pixel_auroc_logit'] for r in rows if 'test_pixel_auroc_logit' in r])} / "
                      f"{cell([r['test_aupro_logit'] for r in rows if 'test_aupro_logit' in r])}")
+        if localnet:
+            last += "".join((" | " if k == "image_auroc" else " / ")
+                            + cell([r[f"test_{k}_localnet"] for r in rows if f"test_{k}_localnet" in r])
+                            for k in ("image_auroc", "pixel_auroc", "aupro"))
         print(f"| {e} | {cell([r['test_image_auroc'] for r in rows])} | {cell([r['test_pixel_auroc'] for r in rows])} "
               f"| {cell([r['test_aupro'] for r in rows])}{last} | {cell([r['bank_images'] for r in rows], False)} "
               f"| {cell([r['bank_purity'] for r in rows if r.get('bank_purity') is not None], False)} "

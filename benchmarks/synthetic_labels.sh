@@ -16,7 +16,7 @@ for seed in ${SEEDS//,/ }; do
     d="$OUT/synthetic_labels_$NAME/${arm}_s$seed"
     flag=--synthetic; [ "$arm" = off ] && flag=--no-synthetic
     [ -f "$d/model.safetensors" ] || \
-      "$BIN/funad" fit "$CACHE" -o "$d" --seed "$seed" "$flag" --eval-every "$EVERY" --overwrite "${EXTRA[@]}"
+      "$BIN/funad" fit "$CACHE" -o "$d" --preset fast --seed "$seed" "$flag" --eval-every "$EVERY" --overwrite "${EXTRA[@]}"
     dirs+=("$d")
   done
 done

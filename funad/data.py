@@ -62,6 +62,18 @@ class TensorSource:
         return self.features[idx].float()
 
 
+class SubsetSource:
+    """The :class:`FeatureSource` of images ``rows`` of ``source``: its image ``i`` is ``source``'s ``rows[i]``."""
+
+    def __init__(self, source: FeatureSource, rows: np.ndarray) -> None:
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64)
+        self.n_images, self.n_patches, self.dim = len(self.rows), source.n_patches, source.dim
+        self.device = source_device(source)
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        return self.source.get(self.rows[np.asarray(indices, dtype=np.int64)])
+
+
 # Anything the estimators accept as features: a source, or a (n_images, n_patches, dim) tensor or array.
 FeaturesLike = Union[FeatureSource, torch.Tensor, np.ndarray]
 

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .config import FunADConfig
-from .data import FeatureSource, FeaturesLike, as_source, source_device
+from .data import FeatureSource, FeaturesLike, SubsetSource, as_source, source_device
 from .errors import ConfigError, DataError, DivergedError, NotFittedError
+from .knn import KNNScorer
 from .localnet import LocalNet
 from .memory_bank import (ScoredImages, bank_candidates, draw_pool, gather_adapted, sample_bank_images,
                           sample_bank_patches, score_images)
@@ -64,8 +65,13 @@ class FunAD:
     """FUN-AD anomaly detector on patch features (n_images, n_patches, dim).
 
     ``__init__`` only stores the config; ``fit`` learns ``net_`` (the Local-Net),
-    ``dim_``, ``n_patches_`` and ``device_``. Scores are in (0, 1); higher
-    means more anomalous.
+    ``dim_``, ``n_patches_`` and ``device_``. Higher means more anomalous.
+    With ``scorer="localnet"`` (the paper) scores are φ's output in (0, 1).
+    With ``scorer="clean_knn"`` (a deviation) ``fit`` ends by keeping the
+    ``clean_share`` of training images that the final φ scores lowest
+    (``clean_images_``, never a FUN-AD* synthetic image) and fitting ``knn_``,
+    a :class:`funad.knn.KNNScorer` on their raw features; scores are then its
+    distances and PatchCore image scores. Training is the same either way.
     """
 
     def __init__(self, config: Optional[FunADConfig] = None) -> None:
@@ -142,6 +148,8 @@ class FunAD:
         # Set now so that a per-epoch callback can score with the current weights.
         self.net_, self.dim_, self.n_patches_, self.device_ = (net if averaged is None else averaged), dim, p, device
         self.trained_net_ = net  # the weights being trained (net_ is their average when ema is set)
+        self.knn_, self.clean_images_ = None, None  # scorer="clean_knn": set after the last epoch
+        self.training_ = True  # meanwhile a callback scores with φ whatever the scorer
         keep_adapted = min(n, cfg.bank_pool or n) * p * dim * 4 <= KEEP_ADAPTED_BYTES
         by_identity = cfg.exclude_self_by == "identity"
         patch_ids = torch.arange(p, device=device)
@@ -198,6 +206,36 @@ class FunAD:
             if on_checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
                 on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim, averaged))
 
+        self.training_ = False
+        if cfg.scorer == "clean_knn":
+            self.fit_clean_bank(source, synthetic=None if syn is None else syn.numpy(), nn_backend=nn_backend)
+        return self
+
+    def fit_clean_bank(self, features: FeaturesLike, *, synthetic: Optional[np.ndarray] = None,
+                       nn_backend: str = "auto") -> "FunAD":
+        """``scorer="clean_knn"``: keep the training images the current φ scores lowest; fit ``knn_`` on them.
+
+        ``fit`` calls this after its last epoch; call it again after loading
+        other weights (e.g. an earlier epoch's). ``features`` are the training
+        features in ``fit``'s order, ``synthetic`` their FUN-AD* flags (never
+        kept). Keeps ``max(2, floor(clean_share * n_real))`` images, so that
+        every kept image can be scored against the others
+        (:meth:`score_held_out`).
+        """
+        self._check_fitted()
+        cfg = self.config
+        source = as_source(features)
+        scores = self._net_scores(source).max(axis=1)
+        eligible = np.arange(source.n_images) if synthetic is None else np.flatnonzero(~np.asarray(synthetic, bool))
+        if eligible.size < 2:
+            raise DataError(f"scorer=clean_knn needs at least 2 real training images, got {eligible.size}")
+        n_keep = min(eligible.size, max(2, int(np.floor(cfg.clean_share * eligible.size))))
+        rows = np.sort(eligible[np.argsort(scores[eligible], kind="stable")[:n_keep]])
+        self.knn_ = KNNScorer(coreset_ratio=cfg.clean_coreset, seed=cfg.seed, backend=nn_backend,
+                              device=self.device_).fit(SubsetSource(source, rows))
+        self.clean_images_ = rows
+        logger.info("clean_knn: %d of %d training images kept (the lowest Local-Net scores), %d bank patches",
+                    n_keep, eligible.size, self.knn_.bank_.shape[0])
         return self
 
     def _rebuild_bank(self, net: LocalNet, source: FeatureSource, device: torch.device, keep_adapted: bool,
@@ -272,8 +310,8 @@ class FunAD:
             raise NotFittedError("this FunAD model is not fitted yet; call fit(features) or load_state_dict(state) first")
 
     @torch.no_grad()
-    def score_patches(self, features: FeaturesLike) -> np.ndarray:
-        """Patch scores, float32 (n_images, n_patches): φ(f) in (0, 1), or its logit with ``score_space="logit"``."""
+    def _net_scores(self, features: FeaturesLike) -> np.ndarray:
+        """φ's patch scores, float32 (n_images, n_patches): in (0, 1), or logits with ``score_space="logit"``."""
         self._check_fitted()
         source = as_source(features)
         if source.dim != self.dim_:
@@ -291,20 +329,70 @@ class FunAD:
                 flat[base + block.start:base + block.stop] = score(f[block]).float().cpu().numpy()
         return out
 
+    def _knn(self) -> Optional[KNNScorer]:
+        """The clean-image kNN scorer when it scores (``scorer="clean_knn"`` and built), else None."""
+        knn = getattr(self, "knn_", None)
+        if self.config.scorer == "clean_knn" and knn is None and not getattr(self, "training_", False):
+            raise NotFittedError("scorer=clean_knn but this model has no clean-image bank; fit it, or call "
+                                 "fit_clean_bank(training features) after loading weights")
+        return knn if self.config.scorer == "clean_knn" else None
+
+    def score(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
+        """``(patch scores (n, P), image scores (n,))``, float32.
+
+        With ``scorer="localnet"`` the image score is the maximum patch score;
+        with ``"clean_knn"`` both come from ``knn_`` (PatchCore's image score).
+        """
+        self._check_fitted()
+        knn = self._knn()
+        if knn is not None:
+            return knn.score(features)
+        patches = self._net_scores(features)
+        return patches, patches.max(axis=1)
+
+    def score_patches(self, features: FeaturesLike) -> np.ndarray:
+        """Patch scores, float32 (n_images, n_patches); higher = more anomalous (:meth:`score`)."""
+        return self.score(features)[0]
+
     def score_images(self, features: FeaturesLike) -> np.ndarray:
-        """Image scores, the maximum patch score, float32 (n_images,)."""
-        return self.score_patches(features).max(axis=1)
+        """Image scores, float32 (n_images,) (:meth:`score`)."""
+        return self.score(features)[1]
+
+    def score_held_out(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the training images (``fit``'s order, the first ``n`` of them), none against itself.
+
+        With ``scorer="clean_knn"`` the kept images' patches are in the bank,
+        so each of them is scored against the others' (leave-one-image-out,
+        :meth:`funad.knn.KNNScorer.score_held_out`); the rest, and every image
+        with ``scorer="localnet"``, are scored as :meth:`score` scores them.
+        """
+        knn = self._knn()
+        source = as_source(features)
+        if knn is None:
+            return self.score(source)
+        rows = self.clean_images_
+        if rows is None or rows[-1] >= source.n_images:
+            raise DataError("held-out scores need the training features in fit's order (the first images)")
+        patches, images = knn.score(source)
+        held_p, held_i = knn.score_held_out(SubsetSource(source, rows))
+        patches[rows], images[rows] = held_p, held_i
+        return patches, images
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        """{"config": dict, "dim": int, "n_patches": int, "net": {name: CPU tensor}}."""
+        """{"config": dict, "dim": int, "n_patches": int, "net": {name: CPU tensor}}; with a clean-image bank
+        also "knn": {"bank": (n_bank, D) tensor} and "clean_images": its training images' indices (int64)."""
         self._check_fitted()
-        return {
+        state = {
             "config": self.config.to_dict(),
             "dim": self.dim_,
             "n_patches": self.n_patches_,
             "net": {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()},
         }
+        if getattr(self, "knn_", None) is not None:
+            state["knn"] = self.knn_.state_dict()
+            state["clean_images"] = torch.as_tensor(self.clean_images_, dtype=torch.int64)
+        return state
 
     def load_state_dict(self, state: dict, device: Union[str, torch.device] = "cpu") -> "FunAD":
         """Load weights saved by :meth:`state_dict` (the model's config is kept)."""
@@ -320,6 +408,14 @@ class FunAD:
         self.net_ = net.to(self.device_)
         self.dim_ = int(state["dim"])
         self.n_patches_ = int(state.get("n_patches", 0))
+        self.training_ = False
+        self.knn_, self.clean_images_ = None, None  # weights without a bank (e.g. an earlier epoch's) have none
+        if "knn" in state:
+            self.knn_ = KNNScorer(coreset_ratio=self.config.clean_coreset, seed=self.config.seed,
+                                  device=self.device_).load_state_dict(state["knn"])
+            if self.knn_.dim_ != self.dim_:
+                raise DataError(f"the clean-image bank has D={self.knn_.dim_}, the Local-Net D={self.dim_}")
+            self.clean_images_ = np.asarray(state.get("clean_images", []), dtype=np.int64)
         return self
 
     @classmethod

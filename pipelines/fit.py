@@ -92,7 +92,8 @@ class FitSpec:
     def rule(self):
         """The unlabelled threshold rule (:mod:`funad.pipelines.thresholds`)."""
         return thresholds.rule_for(self.method, self.threshold_rule, self.expected_contamination,
-                                   pixel_quantile=self.pixel_quantile)
+                                   pixel_quantile=self.pixel_quantile,
+                                   config=self.model_config() if self.method == "funad" else None)
 
     def model_config(self) -> dict:
         """The estimator's full config dict, as stored in config.json["config"]."""
@@ -254,11 +255,13 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         else:
             model.fit(source)
             state = model.state_dict()
+        real = source if not split["synthetic_ids"] else FirstImages(source, len(split["train_ids"]))
         if oracle_record is not None:
             model.load_state_dict(state, device=dev)
             config["oracle"] = {"warning": ORACLE_WARNING, **oracle_record}
+            if model.config.scorer == "clean_knn":  # the chosen epoch's φ picks the clean images again
+                state = model.fit_clean_bank(real).state_dict()
         # Decide without labels: thresholds from the training images' scores (no label is read).
-        real = source if not split["synthetic_ids"] else FirstImages(source, len(split["train_ids"]))
         grid, mask_size = ((1, 1), (1, 1)) if spec.tokens == "class" else (store.grid, store.mask_size)
         config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, real, grid, mask_size,
                                                                      spec.rule(), dev, progress)
@@ -317,6 +320,8 @@ def _fit_funad(model, store, source, split: dict, config: dict, model_dir: Path,
     checkpointer = Checkpointer(model_dir, checkpoint_seconds, also=selector)
     diagnostics = diagnostics_for(store, train_ids, tokens) if split["labelled"] else None
     synthetic = np.isin(train_ids, split["synthetic_ids"])
+    if curve is not None:
+        curve.training = (source, synthetic)
     labels = None
     if synthetic.any() and model.config.synthetic == "mask":
         labels = np.zeros((len(train_ids), source.n_patches), dtype=np.uint8)

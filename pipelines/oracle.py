@@ -27,7 +27,9 @@ class TestScorer:
 
     Called with a checkpoint state, it builds a scoring copy of the model from
     ``state["net"]``, scores the test images and returns the metrics of
-    :func:`funad.pipelines.scoring.measure` (same map sigma).
+    :func:`funad.pipelines.scoring.measure` (same map sigma). It measures the
+    Local-Net's own scores, also with ``scorer=clean_knn``, whose clean-image
+    bank exists only once an epoch is chosen.
     """
 
     def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device) -> None:
@@ -38,11 +40,13 @@ class TestScorer:
 
     def model(self, state: dict):
         weights = {"dim": int(state["dim"]), "n_patches": int(state["n_patches"]), "net": state["net"]}
-        return modeldir.build_model("funad", self.config).load_state_dict(weights, device=self.device)
+        return modeldir.build_model("funad", {**self.config, "scorer": "localnet"}).load_state_dict(
+            weights, device=self.device)
 
     def metrics(self, model) -> dict:
-        scores = score_tensor(model, self.features, device=self.device)
-        return measure(scores, self.labels, self.masks, self.grid, sigma=MAP_SIGMA, device=self.device).metrics
+        scores, images = score_tensor(model, self.features, device=self.device, with_images=True)
+        return measure(scores, self.labels, self.masks, self.grid, sigma=MAP_SIGMA, device=self.device,
+                       image_scores=images).metrics
 
 
 class OracleSelector(TestScorer):
@@ -84,22 +88,42 @@ class LearningCurve(TestScorer):
     With ``ema`` set they are the averaged weights' and the same keys ending in
     ``_last_weights`` hold the last weights'. With the default probability
     scores, the keys ending in ``_logit`` hold the same weights' metrics with
-    ``score_space=logit``.
+    ``score_space=logit``. With ``scorer=clean_knn`` (and ``training`` set)
+    each point builds the clean-image bank with that epoch's weights, so the
+    main keys are what the model would score had the fit stopped there; the
+    keys ending in ``_localnet`` hold the Local-Net's own scores.
     """
 
     def __init__(self, config: dict, store, test_ids: np.ndarray, device: torch.device, every: int,
                  last_epoch: int) -> None:
         super().__init__(config, store, test_ids, device)
         self.every, self.last_epoch = every, last_epoch
+        self.training = None  # (training features in fit's order, their synthetic flags) for scorer=clean_knn
+
+    def _clean_knn(self, model) -> tuple[dict, dict]:
+        """(metrics with a clean-image bank built from the current weights, the Local-Net's own metrics)."""
+        source, synthetic = self.training
+        model.fit_clean_bank(source, synthetic=synthetic)
+        try:
+            with_bank = self.metrics(model)
+        finally:
+            model.knn_, model.clean_images_ = None, None  # the fit builds the model's own bank at its end
+        return with_bank, self.metrics(model)
 
     def __call__(self, model, epoch: int) -> dict:
         """The test metrics of ``model`` (being fitted, at the end of ``epoch``), or {} when not due."""
         if epoch % self.every and epoch != self.last_epoch:
             return {}
-        values = self.metrics(model)
-        out = {"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
-               "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE}
-        if model.config.score_space == "probability":
+        out = {}
+        if model.config.scorer == "clean_knn" and self.training is not None:
+            values, local = self._clean_knn(model)
+            out.update({"test_image_auroc_localnet": local["image_auroc"],
+                        "test_pixel_auroc_localnet": local["pixel_auroc"], "test_aupro_localnet": local["aupro"]})
+        else:
+            values = self.metrics(model)
+        out.update({"test_image_auroc": values["image_auroc"], "test_pixel_auroc": values["pixel_auroc"],
+                    "test_aupro": values["aupro"], "test_metrics_note": LEARNING_CURVE_NOTE})
+        if model.config.bounded_scores:
             # the same weights scored by their logit (score_space=logit, inference only) go beside
             # them, so one fit shows both curves
             config, model.config = model.config, model.config.replace(score_space="logit")

@@ -135,7 +135,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
     # The unlabelled thresholds, exactly as `funad fit` chooses them (default rule and parameters).
     record = thresholds.fit_thresholds(model, cell.spec.method, FirstImages(source, len(train_ids)), store.grid,
                                        store.mask_size,
-                                       thresholds.rule_for(cell.spec.method), device)
+                                       thresholds.rule_for(cell.spec.method, config=config), device)
     del source
     fit_s = time.perf_counter() - start
 

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from funad.config import effective_settings
+
 from . import modeldir
 from .errors import PipelineError
 from .settings import DEFAULT_PRESET, PRESETS, model_config, parse_setting
@@ -92,7 +94,9 @@ def parse_grid_sets(items: Sequence[str]) -> dict[str, list]:
 
 
 def config_digest(config: dict) -> str:
-    """12 hex digits identifying a full config dict (sorted JSON, sha256)."""
+    """12 hex digits identifying a full config dict (sorted JSON, sha256) by the settings that act in it
+    (:func:`funad.config.effective_settings`)."""
+    config = effective_settings(config)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

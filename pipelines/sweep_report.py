@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from funad.config import effective_settings
+
 from . import modeldir
 from .errors import PipelineError
 from .settings import FIELDS
@@ -116,7 +118,8 @@ def _row_label(row: dict) -> str:
 
 def _config_digest(row: dict) -> str:
     """A digest of the row's full config without its seed, so that the seeds of one setting share a row."""
-    config = {k: v for k, v in row.items() if k.startswith("cfg_") and k != "cfg_seed" and v not in ("", None)}
+    config = {k: v for k, v in effective_settings(row, "cfg_").items()
+              if k.startswith("cfg_") and k != "cfg_seed" and v not in ("", None)}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -63,6 +63,9 @@ DEFAULT_PIXEL_QUANTILE = rules.DEFAULT_PIXEL_QUANTILE
 F1_MAX_LABEL = "F1-max (threshold chosen with test labels)"
 HOW = {
     "funad": "Local-Net scores of the training images; rules on the logit of the scores",
+    "funad_logit": "Local-Net logits of the training images",
+    "clean_knn": "the kept clean images scored against the bank without their own patches (leave-one-image-out), "
+                 "the other training images against the whole bank",
     "baseline": "each training image scored against the bank without its own patches (leave-one-image-out)",
 }
 
@@ -70,10 +73,21 @@ HOW = {
 def rule_for(method: str, name: str = DEFAULT_RULE,
              expected_contamination: float = DEFAULT_EXPECTED_CONTAMINATION,
              mad_k: float = rules.DEFAULT_MAD_K,
-             pixel_quantile: Optional[float] = DEFAULT_PIXEL_QUANTILE) -> rules.ThresholdRule:
-    """The rule with the score scale of ``method`` (logit for FUN-AD's (0, 1) scores, identity otherwise)."""
-    return rules.ThresholdRule(name, expected_contamination, mad_k, "logit" if method == "funad" else "identity",
-                               pixel_quantile)
+             pixel_quantile: Optional[float] = DEFAULT_PIXEL_QUANTILE,
+             config: Optional[dict] = None) -> rules.ThresholdRule:
+    """The rule on the score scale of ``method`` and its ``config``: logit for the Local-Net's (0, 1) scores,
+    identity for distances and logits."""
+    return rules.ThresholdRule(name, expected_contamination, mad_k, "logit" if _bounded(method, config) else
+                               "identity", pixel_quantile)
+
+
+def _bounded(method: str, config: Optional[dict]) -> bool:
+    """Whether ``method`` with ``config`` scores in (0, 1) (FUN-AD's Local-Net, sigmoid scores)."""
+    if method != "funad":
+        return False
+    from funad.config import FunADConfig
+
+    return FunADConfig.from_dict(config or {}).bounded_scores
 
 
 def training_scores(model, source, device: torch.device,
@@ -103,7 +117,7 @@ def map_maxima(patch_scores: np.ndarray, grid, mask_size, device: Optional[torch
 
 
 def choose(patch_scores: np.ndarray, image_scores: np.ndarray, grid, mask_size, rule: rules.ThresholdRule,
-           method: str, device: Optional[torch.device] = None) -> dict:
+           method: str, device: Optional[torch.device] = None, how: Optional[str] = None) -> dict:
     """The ``"threshold"`` record of config.json from the training images' scores (module docstring)."""
     maxima = map_maxima(patch_scores, grid, mask_size, device)
     images = rules.all_thresholds(image_scores, rule)
@@ -125,7 +139,7 @@ def choose(patch_scores: np.ndarray, image_scores: np.ndarray, grid, mask_size, 
         "candidates": {"image": images, "pixel": pixels},
         "training_scores": {"image": rules.score_summary(image_scores), "pixel_max": rules.score_summary(maxima),
                             "image_scores": [float(s) for s in image_scores]},
-        "how": HOW["funad" if method == "funad" else "baseline"],
+        "how": HOW[how or ("funad" if method == "funad" else "baseline")],
         "labels_used": False,
     }
     logger.info("unlabelled thresholds (%s): image %.6g, pixel %.6g from %d training images", rule.name,
@@ -133,11 +147,20 @@ def choose(patch_scores: np.ndarray, image_scores: np.ndarray, grid, mask_size, 
     return record
 
 
+def _how(model, method: str) -> str:
+    """The key of :data:`HOW` that says how ``model``'s training images were scored."""
+    if method != "funad":
+        return "baseline"
+    if model.config.scorer == "clean_knn":
+        return "clean_knn"
+    return "funad" if model.config.bounded_scores else "funad_logit"
+
+
 def fit_thresholds(model, method: str, source, grid, mask_size, rule: rules.ThresholdRule, device: torch.device,
                    progress: Progress = NullProgress()) -> dict:
     """Score the fitted model's training images (``source``) and choose its thresholds."""
     patches, images = training_scores(model, source, device, progress)
-    return choose(patches, images, grid, mask_size, rule, method, device)
+    return choose(patches, images, grid, mask_size, rule, method, device, how=_how(model, method))
 
 
 # ------------------------------------------------------------------ readers

@@ -372,7 +372,7 @@ def test_load_model_dir_names_missing_file(store_path, tmp_path):
 
 def test_oracle_selection_is_labelled(store_path, tmp_path):
     out = tmp_path / "oracle"
-    res = run([store_path, "-o", out, *FAST, "--epochs", "3", "--select", "oracle"])
+    res = run([store_path, "-o", out, *FAST, "--epochs", "3", "--select", "oracle", "--preset", "fast"])
     assert res.exit_code == 0, res.output
     assert "ORACLE" in res.output
     cfg = json.loads((out / "config.json").read_text())
@@ -395,8 +395,8 @@ def test_oracle_selection_is_labelled(store_path, tmp_path):
 
 def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_path):
     plain, curve = tmp_path / "plain", tmp_path / "curve"
-    assert run([store_path, "-o", plain, *FAST, "--epochs", "3"]).exit_code == 0
-    res = run([store_path, "-o", curve, *FAST, "--epochs", "3", "--eval-every", "2"])
+    assert run([store_path, "-o", plain, *FAST, "--epochs", "3", "--preset", "fast"]).exit_code == 0
+    res = run([store_path, "-o", curve, *FAST, "--epochs", "3", "--eval-every", "2", "--preset", "fast"])
     assert res.exit_code == 0, res.output
     log = modeldir.read_log(curve)
     measured = [r["epoch"] for r in log if "test_image_auroc" in r]
@@ -422,8 +422,9 @@ def test_eval_every_with_ema_logs_both_the_average_and_the_last_weights(store_pa
     """With ema the curve is the averaged weights' (the model kept) and the last weights' beside it; the
     last weights' curve is exactly the curve of the same fit without ema."""
     plain, averaged = tmp_path / "plain", tmp_path / "ema"
-    assert run([store_path, "-o", plain, *FAST, "--epochs", "2", "--eval-every", "1"]).exit_code == 0
-    res = run([store_path, "-o", averaged, *FAST, "--epochs", "2", "--eval-every", "1", "--set", "ema=0.5"])
+    assert run([store_path, "-o", plain, *FAST, "--epochs", "2", "--eval-every", "1", "--preset", "fast"]).exit_code == 0
+    res = run([store_path, "-o", averaged, *FAST, "--epochs", "2", "--eval-every", "1", "--set", "ema=0.5",
+               "--preset", "fast"])
     assert res.exit_code == 0, res.output
     plain_log = [r for r in modeldir.read_log(plain) if "test_image_auroc" in r]
     ema_log = [r for r in modeldir.read_log(averaged) if "test_image_auroc" in r]
@@ -464,7 +465,7 @@ def test_piped_output_is_plain_unwrapped_and_says_each_result_once(tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     written = [line for line in lines if "model written to" in line]
-    assert written == [f"model written to {deep} (funad, preset fast, 8 training images, 0 moved anomalies, "
+    assert written == [f"model written to {deep} (funad, preset cleaned, 8 training images, 0 moved anomalies, "
                        f"{written[0].rsplit(', ', 1)[1]}"]  # one unwrapped line, the full path in it
     assert not any(line.strip() == "" for line in lines)  # no blank lines, no progress-bar debris
     assert not any("━" in line for line in lines)

@@ -57,12 +57,12 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     cell = json.loads(next((out / "cells").glob("knn_no-overlap_ratio=0.25_*.json")).read_text())
     assert len(cell["threshold"]["training_scores"]["image_scores"]) == int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_train"])
     assert len(cell["test_image_scores"]) == len(cell["test_labels"]) == 8
-    funad = by_key["funad:fast|no-overlap|ratio=0.25|seed=0|batch_size=4|epochs=1"]
+    funad = by_key["funad:cleaned|no-overlap|ratio=0.25|seed=0|batch_size=4|epochs=1"]
     assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4 epochs=1"
 
     md = (out / "results.md").read_text()
     assert "| method | setting | 0% | 25% |" in md
-    assert "| knn | overlap |" in md and "| funad:fast (batch_size=4 epochs=1) | no overlap |" in md
+    assert "| knn | overlap |" in md and "| funad:cleaned (batch_size=4 epochs=1) | no overlap |" in md
     assert "100.0 / " in md  # kNN image AUROC at 0%
     png = (out / "auroc_vs_contamination.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -95,7 +95,7 @@ def test_other_epochs_or_preset_values_are_other_cells(tmp_path, monkeypatch):
     # and its rows get their own label instead of being skipped or mixed with the earlier rows.
     store = make_store(tmp_path / "f.zarr")
     out = tmp_path / "sweep"
-    kw = dict(ratios=[0.0], overlap="no-overlap", methods=sw.parse_methods("funad"), sets={"batch_size": [4]},
+    kw = dict(ratios=[0.0], overlap="no-overlap", methods=sw.parse_methods("funad:fast"), sets={"batch_size": [4]},
               device="cpu")
     sw.sweep(store, out, epochs=1, **kw)
     rows = sw.sweep(store, out, epochs=2, **kw)
@@ -114,7 +114,7 @@ def test_other_epochs_or_preset_values_are_other_cells(tmp_path, monkeypatch):
 
 
 def test_grid_parsing():
-    assert [m.label for m in sw.parse_methods("funad,knn,funad:paper,knn")] == ["funad:fast", "knn", "funad:paper"]
+    assert [m.label for m in sw.parse_methods("funad,knn,funad:paper,knn")] == ["funad:cleaned", "knn", "funad:paper"]
     with pytest.raises(PipelineError, match="unknown preset"):
         sw.parse_methods("funad:turbo")
     with pytest.raises(PipelineError, match="unknown method"):
