@@ -373,9 +373,12 @@ class FunAD:
         rows = self.clean_images_
         if rows is None or rows[-1] >= source.n_images:
             raise DataError("held-out scores need the training features in fit's order (the first images)")
-        patches, images = knn.score(source)
-        held_p, held_i = knn.score_held_out(SubsetSource(source, rows))
-        patches[rows], images[rows] = held_p, held_i
+        patches = np.empty((source.n_images, source.n_patches), dtype=np.float32)
+        images = np.empty(source.n_images, dtype=np.float32)
+        others = np.setdiff1d(np.arange(source.n_images), rows)
+        if others.size:
+            patches[others], images[others] = knn.score(SubsetSource(source, others))
+        patches[rows], images[rows] = knn.score_held_out(SubsetSource(source, rows))
         return patches, images
 
     # ------------------------------------------------------------ persistence

@@ -14,9 +14,15 @@ record goes into config.json under ``"threshold"``::
 
 How the training images are scored, per method:
 
-- ``funad``: the Local-Net's scores of the training images (no bank is used
-  at inference, so no image is compared with itself). Its scores are
-  squashed into (0, 1), so the rule works on their logit.
+- ``funad`` with ``scorer=localnet`` (presets ``fast`` and ``paper``): the
+  Local-Net's scores of the training images (no bank is used at inference,
+  so no image is compared with itself). Its scores are squashed into (0, 1),
+  so the rule works on their logit (on the scores themselves with
+  ``score_space=logit``).
+- ``funad`` with ``scorer=clean_knn`` (the default preset): the kept clean
+  images' patches are in the bank, so each of them is scored against the
+  bank without its own patches (``FunAD.score_held_out``); the other
+  training images against the whole bank. The rule works on the distances.
 - ``knn`` / ``softpatch``: a training image's own patches are in the memory
   bank, so its plain score is about 0. Each training image is scored against
   the bank *without its own patches* (leave-one-image-out,
