@@ -11,6 +11,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
+    ("Quality: the default preset's clean-image kNN against the Local-Net's own scores, MVTec AD bottle",
+     "scorer-bottle.md"),
+    ("Quality: the clean-image kNN against the Local-Net's own scores, KolektorSDD (paper geometry)", "scorer-ksdd.md"),
+    ("Quality: the clean-image kNN against the Local-Net's own scores, KolektorSDD (full frame)",
+     "scorer-ksdd-full.md"),
+    ("Speed: the default preset's fit against preset fast", "fit-wall-scorer.md"),
     ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, MVTec AD bottle", "comparison-bottle.md"),
     ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, KolektorSDD", "comparison-ksdd.md"),
     ("Quality: MVTec AD bottle", "quality-bottle.md"),
@@ -33,7 +39,7 @@ ORDER = [
     ("Speed: whole default fits at 230 and 1,000 training images", "scale-fit.md"),
     ("Speed: fit iteration, phase by phase", "fit.md"),
     ("Speed: the authors' training loop against funad's faithful one", "authors-loop.md"),
-    ("Speed: whole default fits, wall time", "fit-wall.md"),
+    ("Speed: whole fits of preset fast (the default until the ninth session), wall time", "fit-wall.md"),
     ("Quality: bf16 autocast against fp32", "bf16-quality.md"),
     ("Speed: feature residency in fit", "fit-pipeline.md"),
     ("Speed: predict", "predict.md"),

@@ -9,15 +9,17 @@
 # benchmarks/comparison.sh (the sweeps below find them in its folders and skip them).
 #
 #   bash benchmarks/scorer.sh     # writes benchmarks/results/scorer-{bottle,ksdd,ksdd-full}.md
+#   TABLES_ONLY=1 bash benchmarks/scorer.sh   # only the tables, from the sweeps as far as they have run
 source "$(dirname "$0")/env.sh"
 KSDD_FULL=${KSDD_FULL:-$OUT/ksdd_full.zarr}
 
-"$BIN/funad" extract "$SHARED/data/ksdd" -o "$KSDD_FULL" --dataset ksdd "${BB[@]}" --geometry full
+TABLES_ONLY=${TABLES_ONLY:-}
 table() {  # result name, title, then combine_sweeps arguments
   local name=$1 title=$2
   shift 2
   {
     echo "Command: \`SEEDS=$SEEDS bash benchmarks/scorer.sh\` ($(uname -m), $(nproc) CPUs, $(date -u +%F)); $title."
+    [ -n "$TABLES_ONLY" ] && echo "This table was written with TABLES_ONLY=1, from the sweeps as far as they had run: an empty cell was not run."
     echo
     "$BIN/python" benchmarks/combine_sweeps.py "$@"
   } > "benchmarks/results/scorer-$name.md"
@@ -34,12 +36,15 @@ sweep_pair() {  # name, ratios, overlap
   "$BIN/funad" sweep "$cache" -o "$OUT/cmp_${name}_base" --contamination "$2" --overlap "$3" \
       --methods knn,softpatch --seeds "$SEEDS"
 }
-sweep_pair bottle 0,0.01,0.1 both
-sweep_pair ksdd 0 no-overlap
-"$BIN/funad" sweep "$KSDD_FULL" -o "$OUT/sweep_ksdd_full_scorer" --contamination 0 --overlap no-overlap \
-    --methods funad:fast --set scorer=localnet,clean_knn --seeds "$SEEDS"
-"$BIN/funad" sweep "$KSDD_FULL" -o "$OUT/sweep_ksdd_full_base" --contamination 0 --overlap no-overlap \
-    --methods knn,softpatch --seeds "$SEEDS"
+if [ -z "$TABLES_ONLY" ]; then
+  sweep_pair bottle 0,0.01,0.1 both
+  sweep_pair ksdd 0 no-overlap
+  "$BIN/funad" extract "$SHARED/data/ksdd" -o "$KSDD_FULL" --dataset ksdd "${BB[@]}" --geometry full
+  "$BIN/funad" sweep "$KSDD_FULL" -o "$OUT/sweep_ksdd_full_scorer" --contamination 0 --overlap no-overlap \
+      --methods funad:fast --set scorer=localnet,clean_knn --seeds "$SEEDS"
+  "$BIN/funad" sweep "$KSDD_FULL" -o "$OUT/sweep_ksdd_full_base" --contamination 0 --overlap no-overlap \
+      --methods knn,softpatch --seeds "$SEEDS"
+fi
 
 table bottle "MVTec AD bottle, the FUN-AD* cache with its synthetic images off" \
     "$OUT/scorer_bottle" "$OUT/sweep_bottle_syn" "$OUT/cmp_bottle_base" --ratios 0,0.01,0.1 \
@@ -47,5 +52,6 @@ table bottle "MVTec AD bottle, the FUN-AD* cache with its synthetic images off" 
 table ksdd "KolektorSDD in the paper's geometry, natural contamination" \
     "$OUT/scorer_ksdd" "$OUT/sweep_ksdd_syn" "$OUT/cmp_ksdd_base" --ratios 0 \
     --match synthetic=off --match "knn|" --match "softpatch|"
-table ksdd-full "KolektorSDD in full frame (--geometry full), natural contamination" \
-    "$OUT/scorer_ksdd_full" "$OUT/sweep_ksdd_full_scorer" "$OUT/sweep_ksdd_full_base"
+full=("$OUT/sweep_ksdd_full_scorer")
+[ -f "$OUT/sweep_ksdd_full_base/results.csv" ] && full+=("$OUT/sweep_ksdd_full_base")
+table ksdd-full "KolektorSDD in full frame (--geometry full), natural contamination" "$OUT/scorer_ksdd_full" "${full[@]}"
