@@ -15,7 +15,7 @@ from funad.pipelines import modeldir, thresholds
 from funad.pipelines.settings import model_config
 from funad.pipelines.sweep_grid import config_digest
 
-from test_fit_pipeline import FAST, assert_same_weights, make_store, run
+from test_fit_pipeline import FAST, assert_same_weights, make_store, run, split_image_auroc, two_curves
 
 N, P, D = 20, 6, 8
 ANOMALOUS = [1, 7, 12]  # images with two far-off patches each
@@ -165,22 +165,13 @@ def test_learning_curve_scores_each_point_as_the_model_would(tmp_path):
     eval, and the Local-Net's curve beside it is the curve of the same fit with scorer=localnet."""
     store_path = make_store(tmp_path / "feats.zarr")
     local, knn = tmp_path / "local", tmp_path / "knn"
-    assert run([store_path, "-o", local, *FAST, "--eval-every", "1", "--set", "scorer=localnet"]).exit_code == 0
-    res = run([store_path, "-o", knn, *FAST, "--eval-every", "1", "--set", "scorer=clean_knn"])
-    assert res.exit_code == 0, res.output
-    local_log = [r for r in modeldir.read_log(local) if "test_image_auroc" in r]
-    knn_log = [r for r in modeldir.read_log(knn) if "test_image_auroc" in r]
+    local_log, knn_log = two_curves(store_path, (local, knn), ["--set", "scorer=localnet"],
+                                    ["--set", "scorer=clean_knn"])
     assert [r["epoch"] for r in knn_log] == [1, 2]
     for a, b in zip(local_log, knn_log):
         assert b["test_pixel_auroc_localnet"] == pytest.approx(a["test_pixel_auroc"])
         assert "test_pixel_auroc_logit" not in b  # distances have no logit
-    model, info = modeldir.load_model_dir(knn)
-    from funad.metrics import image_metrics
-
-    with cache.open(store_path) as store:
-        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
-        labels = store.labels[info.test_ids]
-    assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(knn_log[-1]["test_image_auroc"])
+    assert split_image_auroc(knn, store_path) == pytest.approx(knn_log[-1]["test_image_auroc"])
     assert_same_weights(modeldir.load_weights(local)["net"], modeldir.load_weights(knn)["net"])
 
 

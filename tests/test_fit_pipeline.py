@@ -72,6 +72,28 @@ def run(args):
     return result
 
 
+def two_curves(store_path, dirs, first_args, second_args) -> tuple[list, list]:
+    """Fit ``dirs`` (two model directories) with ``--eval-every 1`` and each one's extra arguments; return the
+    training-log records that carry test metrics, one list per directory."""
+    logs = []
+    for out, args in zip(dirs, (first_args, second_args)):
+        res = run([store_path, "-o", out, *FAST, "--eval-every", "1", *args])
+        assert res.exit_code == 0, res.output
+        logs.append([r for r in modeldir.read_log(out) if "test_image_auroc" in r])
+    return logs[0], logs[1]
+
+
+def split_image_auroc(model_dir, store_path) -> float:
+    """Image AUROC of a model directory on its own test split, scored from the cache."""
+    from funad.metrics import image_metrics
+
+    model, info = modeldir.load_model_dir(model_dir)
+    with cache.open(store_path) as store:
+        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
+        labels = store.labels[info.test_ids]
+    return image_metrics(labels, scores)["image_auroc"]
+
+
 # ----------------------------------------------------------------- features
 
 
@@ -381,14 +403,8 @@ def test_oracle_selection_is_labelled(store_path, tmp_path):
     assert [p["epoch"] for p in curve] == [1, 2, 3]
     best = max(curve, key=lambda p: p["mean"])
     assert cfg["oracle"]["epoch"] == best["epoch"]
-    model, info = modeldir.load_model_dir(out)
-    assert info.is_oracle
-    from funad.metrics import image_metrics
-
-    with cache.open(store_path) as store:
-        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
-        labels = store.labels[info.test_ids]
-    assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(best["image_auroc"])
+    assert modeldir.load_model_dir(out)[1].is_oracle
+    assert split_image_auroc(out, store_path) == pytest.approx(best["image_auroc"])
     res = run([store_path, "-o", tmp_path / "k", "--method", "knn", "--select", "oracle"])
     assert res.exit_code != 0 and "--select oracle" in res.output
 
@@ -404,13 +420,7 @@ def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_pa
     assert all("TEST labels" in r["test_metrics_note"] for r in log if "test_image_auroc" in r)
     assert all(0.0 <= r["test_pixel_auroc_logit"] <= 1.0 for r in log if "test_image_auroc" in r)
     # The learning curve is the eval of that epoch's weights: the last point equals eval of the model.
-    model, info = modeldir.load_model_dir(curve)
-    from funad.metrics import image_metrics
-
-    with cache.open(store_path) as store:
-        scores = model.score_images(torch.from_numpy(store.read_features(info.test_ids, dtype="float32")))
-        labels = store.labels[info.test_ids]
-    assert image_metrics(labels, scores)["image_auroc"] == pytest.approx(log[-1]["test_image_auroc"])
+    assert split_image_auroc(curve, store_path) == pytest.approx(log[-1]["test_image_auroc"])
     # A diagnostic only: the weights equal those of the same fit without it.
     assert_same_weights(modeldir.load_weights(plain)["net"], modeldir.load_weights(curve)["net"])
     assert json.loads((curve / "config.json").read_text())["selection"] == "final"
@@ -421,13 +431,8 @@ def test_eval_every_logs_a_learning_curve_and_selects_nothing(store_path, tmp_pa
 def test_eval_every_with_ema_logs_both_the_average_and_the_last_weights(store_path, tmp_path):
     """With ema the curve is the averaged weights' (the model kept) and the last weights' beside it; the
     last weights' curve is exactly the curve of the same fit without ema."""
-    plain, averaged = tmp_path / "plain", tmp_path / "ema"
-    assert run([store_path, "-o", plain, *FAST, "--epochs", "2", "--eval-every", "1", "--preset", "fast"]).exit_code == 0
-    res = run([store_path, "-o", averaged, *FAST, "--epochs", "2", "--eval-every", "1", "--set", "ema=0.5",
-               "--preset", "fast"])
-    assert res.exit_code == 0, res.output
-    plain_log = [r for r in modeldir.read_log(plain) if "test_image_auroc" in r]
-    ema_log = [r for r in modeldir.read_log(averaged) if "test_image_auroc" in r]
+    plain_log, ema_log = two_curves(store_path, (tmp_path / "plain", tmp_path / "ema"), ["--preset", "fast"],
+                                    ["--set", "ema=0.5", "--preset", "fast"])
     assert [r["epoch"] for r in ema_log] == [1, 2]
     for a, b in zip(plain_log, ema_log):
         assert b["test_pixel_auroc_last_weights"] == pytest.approx(a["test_pixel_auroc"])
