@@ -178,7 +178,7 @@ def effective_settings(config: dict, prefix: str = "") -> dict:
     scorer = config.get(prefix + "scorer", "localnet")
     if scorer in ("localnet", "", None):
         drop = {"scorer", "clean_share", "clean_coreset"}
-        return {k: v for k, v in config.items() if k[len(prefix):] not in drop or not k.startswith(prefix)}
+        return {k: v for k, v in config.items() if not (k.startswith(prefix) and k[len(prefix):] in drop)}
     return dict(config)
 
 

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from funad.data import SubsetSource
+
 from .errors import PipelineError
 from .progress import NullProgress, Progress
 
@@ -215,16 +217,11 @@ class StoreSource:
         return torch.from_numpy(read_tokens(self.store, self.indices[local], self.tokens)).to(self.device)
 
 
-class FirstImages:
+class FirstImages(SubsetSource):
     """The FeatureSource of a source's first ``n`` images (the real ones, before FUN-AD*'s synthetic ones)."""
 
     def __init__(self, source, n: int) -> None:
-        self.source, self.n_images = source, int(n)
-        self.n_patches, self.dim = source.n_patches, source.dim
-        self.device = getattr(source, "device", torch.device("cpu"))
-
-    def get(self, indices) -> torch.Tensor:
-        return self.source.get(indices)
+        super().__init__(source, np.arange(int(n)))
 
 
 def make_source(store, indices: np.ndarray, *, resident: str = "auto", device: torch.device = torch.device("cpu"),
