@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from funad.data import SubsetSource
+from funad.data import SubsetSource, source_device
 
 from .errors import PipelineError
 from .progress import NullProgress, Progress
@@ -222,6 +222,24 @@ class FirstImages(SubsetSource):
 
     def __init__(self, source, n: int) -> None:
         super().__init__(source, np.arange(int(n)))
+
+
+class ProgressSource:
+    """``source`` seen through a progress task: each ``get`` advances ``task`` by the images it returns.
+
+    Scoring reads each image once, so the task counts images scored whatever
+    the model does with them (``FunAD.score_held_out`` splits them in two).
+    """
+
+    def __init__(self, source, task) -> None:
+        self.source, self.task = source, task
+        self.n_images, self.n_patches, self.dim = source.n_images, source.n_patches, source.dim
+        self.device = source_device(source)
+
+    def get(self, indices) -> torch.Tensor:
+        out = self.source.get(indices)
+        self.task.advance(len(out))
+        return out
 
 
 def make_source(store, indices: np.ndarray, *, resident: str = "auto", device: torch.device = torch.device("cpu"),

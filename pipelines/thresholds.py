@@ -99,16 +99,17 @@ def _bounded(method: str, config: Optional[dict]) -> bool:
 def training_scores(model, source, device: torch.device,
                     progress: Progress = NullProgress()) -> tuple[np.ndarray, np.ndarray]:
     """``(patch scores (n, P), image scores (n,))`` of the training images in ``source`` (module docstring)."""
+    from .features import ProgressSource
+
+    n = int(source.n_images)
+    source = ProgressSource(source, progress.task("scoring training images", total=n, unit="img"))
     if hasattr(model, "score_held_out"):
         return model.score_held_out(source)
-    n = int(source.n_images)
-    task = progress.task("scoring training images", total=n, unit="img")
     patches, images = [], []
     for start in range(0, n, SCORE_CHUNK):
         p, i = model_scores(model, source.get(np.arange(start, min(n, start + SCORE_CHUNK))).to(device))
         patches.append(p)
         images.append(i)
-        task.advance(len(i))
     return np.concatenate(patches), np.concatenate(images)
 
 

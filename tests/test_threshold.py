@@ -177,3 +177,37 @@ def test_fit_takes_the_pixel_quantile(tmp_path):
     res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(tmp_path / "m"), "--method", "knn", "--device", "cpu",
                                        "--pixel-quantile", "0"])
     assert res.exit_code != 0 and "--pixel-quantile" in res.output
+
+
+
+class _Counting:
+    """A Progress that records each task's total and how far it advanced."""
+
+    def __init__(self):
+        self.tasks = {}
+
+    def task(self, description, total=None, unit="it"):
+        record = self.tasks.setdefault(description, {"total": total, "done": 0})
+
+        class _Task:
+            def advance(self, n=1):
+                record["done"] += n
+        return _Task()
+
+
+@pytest.mark.parametrize("scorer", ["knn", "localnet", "clean_knn"])
+def test_training_scores_show_progress_over_every_image(scorer):
+    """Scoring the training images advances one progress task to n, whichever path the model scores them by."""
+    from funad import FunAD, preset
+    from funad.data import TensorSource
+    from funad.pipelines.thresholds import training_scores
+
+    x = torch.randn(8, 4, 8)
+    if scorer == "knn":
+        model = KNNScorer(coreset_ratio=1.0, backend="torch").fit(x)
+    else:
+        model = FunAD(preset("paper", epochs=1, batch_size=4, scorer=scorer, clean_coreset=1.0)).fit(x)
+    progress = _Counting()
+    patches, images = training_scores(model, TensorSource(x), torch.device("cpu"), progress)
+    assert patches.shape == (8, 4) and images.shape == (8,)
+    assert progress.tasks["scoring training images"] == {"total": 8, "done": 8}
