@@ -198,6 +198,12 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     if thr:
         console.print(f"unlabelled thresholds ({thr['rule']} rule on {thr['training_scores']['image']['n']} training "
                       f"images, no labels used): image {thr['image']:.6g}, pixel {thr['pixel']:.6g}")
+    kept = result.config.get("clean_bank")
+    if kept:
+        console.print(f"clean-image bank: the {kept['images']} training images the Local-Net scores lowest, "
+                      f"{kept['bank_patches']} patches"
+                      + (f"; the cache's labels (read only for this line) call {kept['images'] - kept['anomalous_kept']}"
+                         f" of them normal" if "normal_share" in kept else ""))
     oracle = result.config.get("oracle")
     if oracle:
         console.print(f"[bold red]ORACLE selection: epoch {oracle['epoch']} was chosen with TEST labels (image "

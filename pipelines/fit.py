@@ -32,8 +32,8 @@ from .device import has_native_bf16, resolve_device
 from .errors import PipelineError
 from .features import RESIDENCIES, TOKENS, FirstImages, check_tokens, make_source
 from . import sample_table
-from .fit_data import (cache_record, check_complete, check_trainable, diagnostics_for, split_cache, synthetic_ids,
-                       synthetic_labels)
+from .fit_data import (cache_record, check_complete, check_trainable, clean_bank_record, diagnostics_for,
+                       split_cache, synthetic_ids, synthetic_labels)
 from .oracle import ORACLE_WARNING, LearningCurve, OracleSelector
 from .progress import NullProgress, Progress
 from .settings import DEFAULT_PRESET, PRESETS, model_config
@@ -261,6 +261,9 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             config["oracle"] = {"warning": ORACLE_WARNING, **oracle_record}
             if model.config.scorer == "clean_knn":  # the chosen epoch's φ picks the clean images again
                 state = model.fit_clean_bank(real).state_dict()
+        if spec.method == "funad" and model.config.scorer == "clean_knn":
+            config["clean_bank"] = clean_bank_record(
+                model, np.asarray(store.labels)[split["train_ids"]] if split["labelled"] else None)
         # Decide without labels: thresholds from the training images' scores (no label is read).
         grid, mask_size = ((1, 1), (1, 1)) if spec.tokens == "class" else (store.grid, store.mask_size)
         config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, real, grid, mask_size,

@@ -62,7 +62,7 @@ from . import modeldir, original_size, thresholds
 from .device import resolve_device
 from .errors import PipelineError
 from .features import FirstImages, choose_residency, feature_bytes, load_features
-from .fit_data import check_complete, check_trainable, split_cache, synthetic_ids, synthetic_labels
+from .fit_data import check_complete, check_trainable, clean_bank_record, split_cache, synthetic_ids, synthetic_labels
 from .progress import NullProgress, Progress
 from .scoring import MAP_SIGMA, measure, score_tensor
 from .sweep_grid import OVERLAPS, Cell, MethodSpec, build_grid, parse_floats, parse_grid_sets, parse_ints, parse_methods
@@ -138,6 +138,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
                                        thresholds.rule_for(cell.spec.method, config=config), device)
     del source
     fit_s = time.perf_counter() - start
+    kept = clean_bank_record(model, np.asarray(store.labels)[train_ids] if split["labelled"] else None) or {}
 
     start = time.perf_counter()
     scores, image_scores = score_tensor(model, feats.pool.index_select(0, feats.rows(test_ids)), device=device,
@@ -168,6 +169,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
         "moved_ids": split["moved_ids"], "fit_s": fit_s, "score_s": score_s, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
         "device": str(device), "selection": "final", "reused_from": "",
+        "clean_images": kept.get("images"), "clean_normal_share": kept.get("normal_share"),
         "cache_fingerprint": store.fingerprint(), "funad_version": __version__,
         "map_size": "input" if original is None else "original",
         **({} if original is None else {"pixel_auroc_original": original.metrics["pixel_auroc"],

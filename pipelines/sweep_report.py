@@ -40,6 +40,7 @@ COLUMNS = (
     + ORIGINAL_METRICS + ("map_size",) + PIXEL_DECISION_METRICS
     + tuple(f"cfg_{f}" for f in FIELDS)
     + ("cfg_coreset_ratio",)
+    + ("clean_images", "clean_normal_share")  # scorer=clean_knn: images kept, and the share the labels call normal
 )
 
 

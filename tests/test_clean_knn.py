@@ -145,6 +145,12 @@ def test_fit_eval_and_oracle_with_the_clean_knn_scorer(tmp_path):
     model, info = modeldir.load_model_dir(out)
     assert model.knn_ is not None and len(model.clean_images_) == len(info.train_ids) // 2
     with cache.open(store_path) as store:
+        kept_labels = store.labels[np.asarray(info.train_ids)[model.clean_images_]]
+    assert config["clean_bank"] == {"images": len(model.clean_images_), "bank_patches": model.knn_.bank_.shape[0],
+                                    "normal_share": float((kept_labels == 0).mean()),
+                                    "anomalous_kept": int((kept_labels != 0).sum())}
+    assert f"call {int((kept_labels == 0).sum())} of them normal" in res.output
+    with cache.open(store_path) as store:
         x = torch.from_numpy(store.read_features(info.test_ids, dtype="float32"))
         labels = store.labels[info.test_ids]
     scores = model.score_images(x)

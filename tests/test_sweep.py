@@ -59,6 +59,9 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     assert len(cell["test_image_scores"]) == len(cell["test_labels"]) == 8
     funad = by_key["funad:cleaned|no-overlap|ratio=0.25|seed=0|batch_size=4|epochs=1"]
     assert funad["cfg_batch_size"] == "4" and funad["cfg_epochs"] == "1" and funad["params"] == "batch_size=4 epochs=1"
+    n_kept = int(funad["n_train"]) // 2  # the default clean_share=0.5
+    assert int(funad["clean_images"]) == n_kept and 0.0 <= float(funad["clean_normal_share"]) <= 1.0
+    assert by_key["knn|no-overlap|ratio=0.25|seed=0"]["clean_images"] == ""  # not a clean_knn model
 
     md = (out / "results.md").read_text()
     assert "| method | setting | 0% | 25% |" in md
