@@ -57,6 +57,7 @@ class FunADConfig:
     scorer: str = "localnet"  # "localnet": a patch scores φ(f) (paper); "clean_knn": after training, the final φ keeps the clean_share of training images it scores lowest, and a patch scores its distance to their raw features (PatchCore-style coreset bank, funad.knn); training is unchanged
     clean_share: float = 0.5  # scorer="clean_knn": the share of training images, lowest image scores first, whose features form the bank
     clean_coreset: float = 0.1  # scorer="clean_knn": the coreset ratio of that bank (1 keeps every patch)
+    clean_max_patches: Optional[int] = None  # scorer="clean_knn": at most this many bank patches (None: no cap), so that scoring costs the same however many images trained the model
     # --- FUN-AD* (paper Sec. 5.3) ---
     synthetic: str = "pseudo"  # synthetic anomaly images in the training data: "pseudo" = unlabelled and pseudo-labelled like the rest, no L_ms gradient through them (paper); "mask" = their Perlin masks as labels (supp. Table 5); "off" = left out
 
@@ -91,6 +92,8 @@ class FunADConfig:
         check(0.0 < self.clean_share <= 1.0, f"clean_share must lie in (0, 1], got {self.clean_share}")
         check(0.0 < self.clean_coreset <= 1.0, f"clean_coreset must lie in (0, 1] (1 keeps every patch), "
                                                 f"got {self.clean_coreset}")
+        check(self.clean_max_patches is None or self.clean_max_patches >= 1,
+              f"clean_max_patches must be >= 1 or None (no cap), got {self.clean_max_patches}")
         check(self.scorer == "localnet" or self.score_space == "probability",
               f"score_space={self.score_space!r} applies to the Local-Net's scores; scorer={self.scorer!r} scores "
               "by distance, so leave score_space at 'probability' or set scorer=localnet")
@@ -160,7 +163,8 @@ class FunADConfig:
         try:
             if isinstance(default, str):
                 return text
-            if isinstance(default, int) or name in ("bank_patches", "batch_patches", "bank_pool", "max_iterations"):
+            if isinstance(default, int) or name in ("bank_patches", "batch_patches", "bank_pool", "max_iterations",
+                                                    "clean_max_patches"):
                 return int(text)
             return float(text)
         except ValueError:
@@ -170,16 +174,19 @@ class FunADConfig:
 def effective_settings(config: dict, prefix: str = "") -> dict:
     """``config`` (a ``to_dict``, or a row whose keys carry ``prefix``) without the settings that do nothing in it.
 
-    The Local-Net scorer ignores ``clean_share`` and ``clean_coreset``, and
-    ``scorer="localnet"`` is what every version before that setting ran; so
-    with it, the three are dropped. A sweep identifies cells by this dict, so
-    cells fitted before the setting existed are still found.
+    The Local-Net scorer ignores ``clean_share``, ``clean_coreset`` and
+    ``clean_max_patches``, and ``scorer="localnet"`` is what every version
+    before that setting ran; so with it, the four are dropped. So is
+    ``clean_max_patches=None`` (no cap), what every version before it ran. A
+    sweep identifies cells by this dict, so cells fitted before a setting
+    existed are still found.
     """
-    scorer = config.get(prefix + "scorer", "localnet")
-    if scorer in ("localnet", "", None):
-        drop = {"scorer", "clean_share", "clean_coreset"}
-        return {k: v for k, v in config.items() if not (k.startswith(prefix) and k[len(prefix):] in drop)}
-    return dict(config)
+    drop = set()
+    if config.get(prefix + "scorer", "localnet") in ("localnet", "", None):
+        drop = {"scorer", "clean_share", "clean_coreset", "clean_max_patches"}
+    if config.get(prefix + "clean_max_patches") in ("", None):
+        drop.add("clean_max_patches")
+    return {k: v for k, v in config.items() if not (k.startswith(prefix) and k[len(prefix):] in drop)}
 
 
 # Named bundles of settings. "paper" is the faithful algorithm. "fast" trades

@@ -8,7 +8,9 @@ feature aggregation:
   :data:`DEFAULT_CORESET_RATIO` = 0.1, PatchCore's usual 10%) with the
   approximate greedy coreset of :mod:`funad.coreset` (sparse random
   projection to 128 dimensions, then exact k-center greedy). ``coreset_ratio
-  = 1`` keeps the full bank.
+  = 1`` keeps the full bank. ``max_bank`` caps the bank at that many
+  patches (default: no cap), so that scoring costs the same however many
+  images trained it.
 - **Patch score** (the anomaly map): s_j = ||f_j - m_j||, the Euclidean
   distance of test patch f_j to its nearest bank feature m_j.
 - **Image score** (PatchCore Eq. 7): take the most anomalous patch
@@ -33,7 +35,7 @@ one-class methods collapse in the overlap setting.
 from __future__ import annotations
 
 import logging
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -111,6 +113,7 @@ class KNNScorer:
         device: where the bank and the searches live; default: the device of
             the training features.
         reweight_neighbours: b of the image-score reweighting; 1 = plain max.
+        max_bank: keep at most this many patches (the coreset picks them); None = no cap.
 
     Attributes (after ``fit``):
         bank_: (n_bank, dim) float32 memory bank.
@@ -121,8 +124,9 @@ class KNNScorer:
 
     def __init__(self, coreset_ratio: float = DEFAULT_CORESET_RATIO, seed: int = 0, backend: str = "auto",
                  device: Union[str, torch.device, None] = None,
-                 reweight_neighbours: int = DEFAULT_REWEIGHT_NEIGHBOURS) -> None:
+                 reweight_neighbours: int = DEFAULT_REWEIGHT_NEIGHBOURS, max_bank: Optional[int] = None) -> None:
         self.coreset_ratio = coreset_ratio
+        self.max_bank = max_bank
         self.seed = seed
         self.backend = backend
         self.device = device
@@ -137,6 +141,9 @@ class KNNScorer:
         b = self.reweight_neighbours
         if not (isinstance(b, int) and b >= 1):
             raise ConfigError(f"reweight_neighbours must be an integer >= 1 (1 = no reweighting), got {b!r}")
+        m = self.max_bank
+        if not (m is None or (isinstance(m, int) and m >= 1)):
+            raise ConfigError(f"max_bank must be an integer >= 1 or None (no cap), got {m!r}")
 
     # ------------------------------------------------------------------ fitting
 
@@ -156,6 +163,8 @@ class KNNScorer:
         bank = gather_bank(source, self.device)
         n_all = int(bank.shape[0])
         n_keep = coreset_size(n_all, self.coreset_ratio)
+        if self.max_bank is not None:
+            n_keep = min(n_keep, self.max_bank)
         kept = torch.arange(n_all)
         if n_keep < n_all:
             kept = approximate_greedy_coreset(bank, n_keep, seed=self.seed)

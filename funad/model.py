@@ -232,7 +232,7 @@ class FunAD:
         n_keep = min(eligible.size, max(2, int(np.floor(cfg.clean_share * eligible.size))))
         rows = np.sort(eligible[np.argsort(scores[eligible], kind="stable")[:n_keep]])
         self.knn_ = KNNScorer(coreset_ratio=cfg.clean_coreset, seed=cfg.seed, backend=nn_backend,
-                              device=self.device_).fit(SubsetSource(source, rows))
+                              device=self.device_, max_bank=cfg.clean_max_patches).fit(SubsetSource(source, rows))
         self.clean_images_ = rows
         logger.info("clean_knn: %d of %d training images kept (the lowest Local-Net scores), %d bank patches",
                     n_keep, eligible.size, self.knn_.bank_.shape[0])
@@ -415,7 +415,7 @@ class FunAD:
         self.knn_, self.clean_images_ = None, None  # weights without a bank (e.g. an earlier epoch's) have none
         if "knn" in state:
             self.knn_ = KNNScorer(coreset_ratio=self.config.clean_coreset, seed=self.config.seed,
-                                  device=self.device_).load_state_dict(state["knn"])
+                                  device=self.device_, max_bank=self.config.clean_max_patches).load_state_dict(state["knn"])
             if self.knn_.dim_ != self.dim_:
                 raise DataError(f"the clean-image bank has D={self.knn_.dim_}, the Local-Net D={self.dim_}")
             self.clean_images_ = np.asarray(state.get("clean_images", []), dtype=np.int64)

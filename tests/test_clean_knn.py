@@ -187,3 +187,19 @@ def test_the_default_preset_trains_as_fast_and_scores_with_the_clean_image_knn()
     default, fast = preset(DEFAULT_PRESET).to_dict(), preset("fast").to_dict()
     assert default["scorer"] == "clean_knn" and fast["scorer"] == preset("paper").scorer == "localnet"
     assert {k for k in default if default[k] != fast[k]} == {"scorer"}
+
+
+def test_clean_max_patches_caps_the_bank_and_old_cells_keep_their_key():
+    capped = FunAD(cfg(clean_coreset=0.5, clean_max_patches=7)).fit(features())
+    assert capped.knn_.bank_.shape[0] == 7  # below the coreset's round(0.5 * 10 * 6) = 30
+    assert FunAD(cfg(clean_coreset=0.5, clean_max_patches=1000)).fit(features()).knn_.bank_.shape[0] == 30
+    loaded = FunAD.from_state_dict(capped.state_dict())
+    np.testing.assert_allclose(loaded.score(features())[0], capped.score(features())[0], rtol=1e-5, atol=1e-6)
+    assert FunADConfig.parse_value("clean_max_patches", "16384") == 16384
+    assert FunADConfig.parse_value("clean_max_patches", "none") is None
+    with pytest.raises(ConfigError, match="clean_max_patches"):
+        cfg(clean_max_patches=0)
+    knn = model_config("funad", "fast", overrides=(("scorer", "clean_knn"),), seed=1)
+    before = {k: v for k, v in knn.items() if k != "clean_max_patches"}
+    assert config_digest({**knn, "clean_max_patches": None}) == config_digest(before)  # no cap: as before it existed
+    assert config_digest({**knn, "clean_max_patches": 16384}) != config_digest(before)
