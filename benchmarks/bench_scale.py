@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from funad import FunAD, cache
-from funad.config import DEFAULT_PRESET, preset
+from funad.config import DEFAULT_PRESET, FunADConfig, preset
 from funad.data import TensorSource
 from funad.pipelines.features import load_features
 from funad.pipelines.thresholds import training_scores
@@ -63,15 +63,23 @@ def main() -> None:
     ap.add_argument("caches", nargs="+")
     ap.add_argument("--n", type=int, nargs="+", default=[230, 1000])
     ap.add_argument("--preset", default=DEFAULT_PRESET)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting on top of the preset (as funad fit --set); repeatable")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.sets:
+        name, _, text = item.partition("=")
+        overrides[name] = FunADConfig.parse_value(name, text)
     pool = pool_of(args.caches)
     print("# Fit time against training-set size\n")
     print(f"Command: `python benchmarks/bench_scale.py {' '.join(args.caches)} --n {' '.join(map(str, args.n))}"
-          f"{'' if args.preset == DEFAULT_PRESET else ' --preset ' + args.preset}` (run alone on the machine)\n")
+          f"{'' if args.preset == DEFAULT_PRESET else ' --preset ' + args.preset}"
+          f"{''.join(' --set ' + item for item in args.sets)}` (run alone on the machine)\n")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"- features: {pool.shape[0]} real training images from {', '.join(args.caches)}, "
-          f"P = {pool.shape[1]}, D = {pool.shape[2]}; preset `{args.preset}`")
+          f"P = {pool.shape[1]}, D = {pool.shape[2]}; preset `{args.preset}`"
+          + "".join(f", {k}={v}" for k, v in overrides.items()))
     print(f"- float32 matmul peak, same run: **{matmul_flops(torch.device('cpu'), pool.shape[2]) / 1e9:.0f} GFLOP/s**\n")
     print("| training images | epochs run | iterations | fit s | bank s | search s | step s | s per iteration "
           "| clean bank s | threshold scores s | fit + threshold scores s |")
@@ -79,7 +87,7 @@ def main() -> None:
     fits = {}
     for n in args.n:
         feats = resample(pool, n)
-        cfg = preset(args.preset)
+        cfg = preset(args.preset, **overrides)
         records: list[dict] = []
         ended: list[float] = []  # when the last epoch ended: what follows in fit is the clean-image bank
 

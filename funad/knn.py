@@ -226,8 +226,10 @@ class KNNScorer:
         return (np.concatenate(patches).astype(np.float32, copy=False),
                 np.concatenate(images).astype(np.float32, copy=False))
 
-    def score_held_out(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of the training images, each against the bank without its own patches.
+    def score_held_out(self, features: FeaturesLike,
+                       images: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the training images (or of those numbered ``images``), each against the bank without its
+        own patches.
 
         A training image's patches (those the coreset kept) are in the bank,
         so its plain score is about 0. Here image ``i`` of ``features`` (the
@@ -238,7 +240,7 @@ class KNNScorer:
         (brute-force) search. Only available right after :meth:`fit`.
 
         Returns:
-            ``(patch_scores (n, P), image_scores (n,))`` float32, as :meth:`score`.
+            ``(patch_scores (n, P), image_scores (n,))`` float32, as :meth:`score`, one row per image scored.
         """
         self._check_fitted()
         owner = getattr(self, "bank_owner_", None)
@@ -249,12 +251,15 @@ class KNNScorer:
         owner = owner.to(bank.device)
         bank_sq = (bank * bank).sum(dim=1)
         rows_per_block = max(1, (1 << 24) // max(1, int(bank.shape[0])))
-        patches, images, image = [], [], 0
-        for x in _iter_chunks(as_source(features)):
-            x = x.to(bank.device)
+        source = as_source(features)
+        ids = np.arange(source.n_images) if images is None else np.asarray(images, dtype=np.int64)
+        patches, scores = [], []
+        for start in range(0, len(ids), _CHUNK_IMAGES):
+            chunk_ids = ids[start:start + _CHUNK_IMAGES]
+            x = source.get(chunk_ids).float().to(bank.device)
             if x.shape[-1] != self.dim_:
                 raise DataError(f"the bank was fitted on D={self.dim_} features, input has D={x.shape[-1]}")
-            for q in x:
+            for q, image in zip(x, chunk_ids.tolist()):
                 if bool((owner == image).all()):
                     raise DataError("leave-one-image-out scoring needs patches of at least two training images "
                                     "in the bank")
@@ -269,12 +274,11 @@ class KNNScorer:
                 dist = torch.cat(sq).clamp_min(0.0).sqrt()[None]
                 p, s = self._score_chunk(q[None], dist, torch.cat(idx)[None])
                 patches.append(p.cpu().numpy())
-                images.append(s.cpu().numpy())
-                image += 1
+                scores.append(s.cpu().numpy())
         if not patches:
-            return (np.empty((0, as_source(features).n_patches), dtype=np.float32), np.empty(0, dtype=np.float32))
+            return (np.empty((0, source.n_patches), dtype=np.float32), np.empty(0, dtype=np.float32))
         return (np.concatenate(patches).astype(np.float32, copy=False),
-                np.concatenate(images).astype(np.float32, copy=False))
+                np.concatenate(scores).astype(np.float32, copy=False))
 
     def score_patches(self, features: FeaturesLike) -> np.ndarray:
         """Patch scores (the anomaly map before upsampling): float32 (n_images, n_patches)."""

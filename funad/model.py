@@ -358,8 +358,10 @@ class FunAD:
         """Image scores, float32 (n_images,) (:meth:`score`)."""
         return self.score(features)[1]
 
-    def score_held_out(self, features: FeaturesLike) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of the training images (``fit``'s order, the first ``n`` of them), none against itself.
+    def score_held_out(self, features: FeaturesLike,
+                       images: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the training images (``fit``'s order, the first ``n`` of them; or of those numbered
+        ``images``), none against itself.
 
         With ``scorer="clean_knn"`` the kept images' patches are in the bank,
         so each of them is scored against the others' (leave-one-image-out,
@@ -368,18 +370,21 @@ class FunAD:
         """
         knn = self._knn()
         source = as_source(features)
+        ids = np.arange(source.n_images) if images is None else np.asarray(images, dtype=np.int64)
         if knn is None:
-            return self.score(source)
+            return self.score(SubsetSource(source, ids))
         rows = self.clean_images_
         if rows is None or rows[-1] >= source.n_images:
             raise DataError("held-out scores need the training features in fit's order (the first images)")
-        patches = np.empty((source.n_images, source.n_patches), dtype=np.float32)
-        images = np.empty(source.n_images, dtype=np.float32)
-        others = np.setdiff1d(np.arange(source.n_images), rows)
-        if others.size:
-            patches[others], images[others] = knn.score(SubsetSource(source, others))
-        patches[rows], images[rows] = knn.score_held_out(SubsetSource(source, rows))
-        return patches, images
+        patches = np.empty((len(ids), source.n_patches), dtype=np.float32)
+        scores = np.empty(len(ids), dtype=np.float32)
+        kept = np.isin(ids, rows)
+        if (~kept).any():
+            patches[~kept], scores[~kept] = knn.score(SubsetSource(source, ids[~kept]))
+        if kept.any():  # the bank's own numbering of its images is their position among ``rows``
+            patches[kept], scores[kept] = knn.score_held_out(SubsetSource(source, rows),
+                                                             np.searchsorted(rows, ids[kept]))
+        return patches, scores
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

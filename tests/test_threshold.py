@@ -132,7 +132,8 @@ def test_fit_records_thresholds_chosen_without_labels(tmp_path, method):
     assert a["image"] == b["image"] and a["pixel"] == b["pixel"] and a["labels_used"] is False
     assert set(a["candidates"]["image"]) == set(T.RULES)
     lo, hi = a["training_scores"]["image"]["min"], a["training_scores"]["image"]["max"]
-    assert a["training_scores"]["image"]["n"] == 8 and lo <= a["training_scores"]["image"]["median"] <= hi
+    assert a["training_scores"]["image"]["n"] == a["training_images"] == 8
+    assert lo <= a["training_scores"]["image"]["median"] <= hi
     if method == "knn":
         assert lo > 0.05  # leave-one-image-out: no training image scored against its own patches
 
@@ -211,3 +212,26 @@ def test_training_scores_show_progress_over_every_image(scorer):
     patches, images = training_scores(model, TensorSource(x), torch.device("cpu"), progress)
     assert patches.shape == (8, 4) and images.shape == (8,)
     assert progress.tasks["scoring training images"] == {"total": 8, "done": 8}
+
+
+@pytest.mark.parametrize("scorer", ["knn", "localnet", "clean_knn"])
+def test_large_training_sets_are_represented_by_a_sample(scorer):
+    """Above the limit, a seeded sample of training images is scored, each exactly as when all are scored."""
+    from funad import FunAD, preset
+    from funad.data import TensorSource
+    from funad.pipelines.thresholds import scored_images, training_scores
+
+    assert np.array_equal(scored_images(5, 5), np.arange(5)) and np.array_equal(scored_images(5, None), np.arange(5))
+    ids = scored_images(12, 5)
+    assert len(ids) == 5 and np.array_equal(ids, np.unique(ids)) and np.array_equal(ids, scored_images(12, 5))
+    x = torch.randn(12, 4, 8)
+    if scorer == "knn":
+        model = KNNScorer(coreset_ratio=1.0, backend="torch").fit(x)
+    else:
+        model = FunAD(preset("paper", epochs=1, batch_size=4, scorer=scorer, clean_coreset=1.0)).fit(x)
+    every, every_images = training_scores(model, TensorSource(x), torch.device("cpu"), limit=None)
+    progress = _Counting()
+    some, some_images = training_scores(model, TensorSource(x), torch.device("cpu"), progress, limit=5)
+    np.testing.assert_allclose(some, every[ids], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(some_images, every_images[ids], rtol=1e-5, atol=1e-6)
+    assert progress.tasks["scoring training images"] == {"total": 5, "done": 5}
