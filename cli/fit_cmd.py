@@ -196,8 +196,10 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     )
     thr = result.config.get("threshold")
     if thr:
-        console.print(f"unlabelled thresholds ({thr['rule']} rule on {thr['training_scores']['image']['n']} training "
-                      f"images, no labels used): image {thr['image']:.6g}, pixel {thr['pixel']:.6g}")
+        scored, of = thr['training_scores']['image']['n'], thr.get('training_images')
+        console.print(f"unlabelled thresholds ({thr['rule']} rule on {scored}"
+                      f"{f' of {of} (a random sample)' if of and of > scored else ''} training images, no labels "
+                      f"used): image {thr['image']:.6g}, pixel {thr['pixel']:.6g}")
     kept = result.config.get("clean_bank")
     if kept:
         console.print(f"clean-image bank: the {kept['images']} training images the Local-Net scores lowest, "

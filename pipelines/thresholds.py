@@ -107,7 +107,7 @@ def _bounded(method: str, config: Optional[dict]) -> bool:
     return FunADConfig.from_dict(config or {}).bounded_scores
 
 
-def scored_images(n: int, limit: Optional[int] = THRESHOLD_IMAGES) -> np.ndarray:
+def scored_images(n: int, limit: Optional[int]) -> np.ndarray:
     """Which of ``n`` training images the thresholds are chosen from: all of them, or ``limit`` drawn at
     random (seeded, sorted) when there are more (module docstring)."""
     if limit is None or n <= limit:
@@ -116,7 +116,7 @@ def scored_images(n: int, limit: Optional[int] = THRESHOLD_IMAGES) -> np.ndarray
 
 
 def training_scores(model, source, device: torch.device, progress: Progress = NullProgress(),
-                    limit: Optional[int] = THRESHOLD_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+                    limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """``(patch scores (m, P), image scores (m,))`` of the training images in ``source`` that
     :func:`scored_images` picks (module docstring)."""
     from funad.data import SubsetSource
@@ -189,7 +189,7 @@ def _how(model, method: str) -> str:
 def fit_thresholds(model, method: str, source, grid, mask_size, rule: rules.ThresholdRule, device: torch.device,
                    progress: Progress = NullProgress()) -> dict:
     """Score the fitted model's training images (``source``) and choose its thresholds."""
-    patches, images = training_scores(model, source, device, progress)
+    patches, images = training_scores(model, source, device, progress, THRESHOLD_IMAGES)
     record = choose(patches, images, grid, mask_size, rule, method, device, how=_how(model, method))
     record["training_images"] = int(source.n_images)  # of which len(image_scores) were scored
     return record

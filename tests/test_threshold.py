@@ -235,3 +235,16 @@ def test_large_training_sets_are_represented_by_a_sample(scorer):
     np.testing.assert_allclose(some, every[ids], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(some_images, every_images[ids], rtol=1e-5, atol=1e-6)
     assert progress.tasks["scoring training images"] == {"total": 5, "done": 5}
+
+
+def test_fit_says_when_its_thresholds_come_from_a_sample(tmp_path, monkeypatch):
+    from funad.pipelines import thresholds
+
+    monkeypatch.setattr(thresholds, "THRESHOLD_IMAGES", 5)
+    store = make_store(tmp_path / "s.zarr")
+    out = tmp_path / "m"
+    res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(out), "--method", "knn", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "config.json").read_text())["threshold"]
+    assert record["training_images"] == 8 and len(record["training_scores"]["image_scores"]) == 5
+    assert "on 5 of 8 (a random sample) training images" in " ".join(res.output.split())
