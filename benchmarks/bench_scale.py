@@ -10,7 +10,8 @@ measured in the same run; report the ratio, not the absolute seconds.
 Besides ``FunAD.fit`` (whose last part, with ``scorer=clean_knn``, builds the
 clean-image bank: "clean bank s") the table times what ``funad fit`` does next
 with the features in memory: score every training image for the unlabelled
-thresholds (``pipelines.thresholds.training_scores``).
+thresholds (``pipelines.thresholds.training_scores``, at most ``THRESHOLD_IMAGES`` of them, as
+``funad fit`` does).
 
     python benchmarks/bench_scale.py bench_out/bottle.zarr bench_out/ksdd.zarr --n 230 1000
 """
@@ -29,7 +30,7 @@ from funad import FunAD, cache
 from funad.config import DEFAULT_PRESET, FunADConfig, preset
 from funad.data import TensorSource
 from funad.pipelines.features import load_features
-from funad.pipelines.thresholds import training_scores
+from funad.pipelines.thresholds import THRESHOLD_IMAGES, training_scores
 
 from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
 
@@ -98,7 +99,8 @@ def main() -> None:
         model = FunAD(cfg)
         seconds = _timed(lambda: model.fit(feats, callback=logged))
         clean = time.perf_counter() - ended[0] if cfg.scorer == "clean_knn" else 0.0
-        scoring = _timed(lambda: training_scores(model, TensorSource(feats), torch.device("cpu")))
+        scoring = _timed(lambda: training_scores(model, TensorSource(feats), torch.device("cpu"),
+                                                 limit=THRESHOLD_IMAGES))
         iters = len(records) * (n // cfg.batch_size)
         phase = {k: sum(r[f"time_{k}"] for r in records) for k in ("bank", "search", "step")}
         print(f"| {n} | {len(records)} | {iters} | {seconds:.0f} | {phase['bank']:.0f} | {phase['search']:.0f} "
