@@ -204,8 +204,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     if kept:
         console.print(f"clean-image bank: the {kept['images']} training images the Local-Net scores lowest, "
                       f"{kept['bank_patches']} patches"
-                      + (f"; the cache's labels (read only for this line) call {kept['images'] - kept['anomalous_kept']}"
-                         f" of them normal" if "normal_share" in kept else ""))
+                      + (f"; the cache's labels (read only for this line) call "
+                         f"{kept['images'] - kept['anomalous_kept']} of them normal" if "normal_share" in kept else ""))
     oracle = result.config.get("oracle")
     if oracle:
         console.print(f"[bold red]ORACLE selection: epoch {oracle['epoch']} was chosen with TEST labels (image "

@@ -419,8 +419,8 @@ class FunAD:
         self.training_ = False
         self.knn_, self.clean_images_ = None, None  # weights without a bank (e.g. an earlier epoch's) have none
         if "knn" in state:
-            self.knn_ = KNNScorer(coreset_ratio=self.config.clean_coreset, seed=self.config.seed,
-                                  device=self.device_, max_bank=self.config.clean_max_patches).load_state_dict(state["knn"])
+            self.knn_ = KNNScorer(coreset_ratio=self.config.clean_coreset, seed=self.config.seed, device=self.device_,
+                                  max_bank=self.config.clean_max_patches).load_state_dict(state["knn"])
             if self.knn_.dim_ != self.dim_:
                 raise DataError(f"the clean-image bank has D={self.knn_.dim_}, the Local-Net D={self.dim_}")
             self.clean_images_ = np.asarray(state.get("clean_images", []), dtype=np.int64)
