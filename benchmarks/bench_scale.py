@@ -99,8 +99,7 @@ def main() -> None:
         model = FunAD(cfg)
         seconds = _timed(lambda: model.fit(feats, callback=logged))
         clean = time.perf_counter() - ended[0] if cfg.scorer == "clean_knn" else 0.0
-        scoring = _timed(lambda: training_scores(model, TensorSource(feats), torch.device("cpu"),
-                                                 limit=THRESHOLD_IMAGES))
+        scoring = _timed(lambda: training_scores(model, TensorSource(feats), limit=THRESHOLD_IMAGES))
         iters = len(records) * (n // cfg.batch_size)
         phase = {k: sum(r[f"time_{k}"] for r in records) for k in ("bank", "search", "step")}
         print(f"| {n} | {len(records)} | {iters} | {seconds:.0f} | {phase['bank']:.0f} | {phase['search']:.0f} "

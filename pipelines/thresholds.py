@@ -65,7 +65,7 @@ from funad import threshold as rules
 
 from .errors import ModelDirError
 from .progress import NullProgress, Progress
-from .scoring import MAP_SIGMA, SCORE_CHUNK, model_scores
+from .scoring import MAP_SIGMA, SCORE_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -115,25 +115,16 @@ def scored_images(n: int, limit: Optional[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
 
 
-def training_scores(model, source, device: torch.device, progress: Progress = NullProgress(),
+def training_scores(model, source, progress: Progress = NullProgress(),
                     limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """``(patch scores (m, P), image scores (m,))`` of the training images in ``source`` that
-    :func:`scored_images` picks (module docstring)."""
-    from funad.data import SubsetSource
-
+    :func:`scored_images` picks, none scored against its own patches (every method's ``score_held_out``;
+    module docstring)."""
     from .features import ProgressSource
 
     ids = scored_images(int(source.n_images), limit)
     task = progress.task("scoring training images", total=len(ids), unit="img")
-    if hasattr(model, "score_held_out"):
-        return model.score_held_out(ProgressSource(source, task), ids)
-    picked = ProgressSource(SubsetSource(source, ids), task)
-    patches, images = [], []
-    for start in range(0, len(ids), SCORE_CHUNK):
-        p, i = model_scores(model, picked.get(np.arange(start, min(len(ids), start + SCORE_CHUNK))).to(device))
-        patches.append(p)
-        images.append(i)
-    return np.concatenate(patches), np.concatenate(images)
+    return model.score_held_out(ProgressSource(source, task), ids)
 
 
 def map_maxima(patch_scores: np.ndarray, grid, mask_size, device: Optional[torch.device] = None) -> np.ndarray:
@@ -189,7 +180,7 @@ def _how(model, method: str) -> str:
 def fit_thresholds(model, method: str, source, grid, mask_size, rule: rules.ThresholdRule, device: torch.device,
                    progress: Progress = NullProgress()) -> dict:
     """Score the fitted model's training images (``source``) and choose its thresholds."""
-    patches, images = training_scores(model, source, device, progress, THRESHOLD_IMAGES)
+    patches, images = training_scores(model, source, progress, THRESHOLD_IMAGES)
     record = choose(patches, images, grid, mask_size, rule, method, device, how=_how(model, method))
     record["training_images"] = int(source.n_images)  # of which len(image_scores) were scored
     return record

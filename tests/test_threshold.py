@@ -209,7 +209,7 @@ def test_training_scores_show_progress_over_every_image(scorer):
     else:
         model = FunAD(preset("paper", epochs=1, batch_size=4, scorer=scorer, clean_coreset=1.0)).fit(x)
     progress = _Counting()
-    patches, images = training_scores(model, TensorSource(x), torch.device("cpu"), progress)
+    patches, images = training_scores(model, TensorSource(x), progress)
     assert patches.shape == (8, 4) and images.shape == (8,)
     assert progress.tasks["scoring training images"] == {"total": 8, "done": 8}
 
@@ -229,9 +229,9 @@ def test_large_training_sets_are_represented_by_a_sample(scorer):
         model = KNNScorer(coreset_ratio=1.0, backend="torch").fit(x)
     else:
         model = FunAD(preset("paper", epochs=1, batch_size=4, scorer=scorer, clean_coreset=1.0)).fit(x)
-    every, every_images = training_scores(model, TensorSource(x), torch.device("cpu"), limit=None)
+    every, every_images = training_scores(model, TensorSource(x), limit=None)
     progress = _Counting()
-    some, some_images = training_scores(model, TensorSource(x), torch.device("cpu"), progress, limit=5)
+    some, some_images = training_scores(model, TensorSource(x), progress, limit=5)
     np.testing.assert_allclose(some, every[ids], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(some_images, every_images[ids], rtol=1e-5, atol=1e-6)
     assert progress.tasks["scoring training images"] == {"total": 5, "done": 5}
