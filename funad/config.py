@@ -171,6 +171,16 @@ class FunADConfig:
             raise ConfigError(f"{name} expects a number, got {text!r}") from None
 
 
+# Settings that act only after training, on how a fitted Local-Net scores: two configs that differ in nothing
+# else train the same Local-Net (``FunAD.adopt_training``).
+INFERENCE_SETTINGS = ("scorer", "clean_share", "clean_coreset", "clean_max_patches", "score_space")
+
+
+def training_settings(config: dict) -> dict:
+    """``config`` (a ``to_dict``) without :data:`INFERENCE_SETTINGS`: what decides the trained Local-Net."""
+    return {k: v for k, v in config.items() if k not in INFERENCE_SETTINGS}
+
+
 def effective_settings(config: dict, prefix: str = "") -> dict:
     """``config`` (a ``to_dict``, or a row whose keys carry ``prefix``) without the settings that do nothing in it.
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .config import FunADConfig
-from .data import FeatureSource, FeaturesLike, SubsetSource, as_source, source_device
+from .config import FunADConfig, training_settings
+from .data import FeatureSource, FeaturesLike, SubsetSource, as_source, get_patches, source_device
 from .errors import ConfigError, DataError, DivergedError, NotFittedError
 from .knn import KNNScorer
 from .localnet import LocalNet
@@ -166,11 +166,12 @@ class FunAD:
                     scored, index, bank_ids = self._rebuild_bank(net, source, device, keep_adapted, host_gen,
                                                                  nn_backend, stats, diag, epoch + 1)
                     clock.lap("bank")
-                f = source.get(batch_idx).to(device)
                 positions = patch_ids
                 if cfg.batch_patches is not None and cfg.batch_patches < p:
                     positions = torch.randperm(p, generator=host_gen)[:cfg.batch_patches].sort().values.to(device)
-                    f = f[:, positions]
+                    f = get_patches(source, batch_idx, positions).to(device)
+                else:
+                    f = source.get(batch_idx).to(device)
 
                 with torch.no_grad():
                     if rebuilt and pool_all and scored.adapted is not None:
@@ -207,9 +208,41 @@ class FunAD:
                 on_checkpoint(self._checkpoint_state(net, opt, host_gen, noise_gen, epoch + 1, n, p, dim, averaged))
 
         self.training_ = False
-        if cfg.scorer == "clean_knn":
-            self.fit_clean_bank(source, synthetic=None if syn is None else syn.numpy(), nn_backend=nn_backend)
+        return self._after_training(source, None if syn is None else syn.numpy(), nn_backend)
+
+    def _after_training(self, source: FeatureSource, synthetic: Optional[np.ndarray], nn_backend: str) -> "FunAD":
+        """What a fit does once the Local-Net is trained: with ``scorer="clean_knn"``, build the clean-image bank."""
+        if self.config.scorer == "clean_knn":
+            self.fit_clean_bank(source, synthetic=synthetic, nn_backend=nn_backend)
         return self
+
+    def adopt_training(self, state: dict, features: FeaturesLike, *, device: Union[str, torch.device] = "cpu",
+                       synthetic: Optional[np.ndarray] = None, nn_backend: str = "auto") -> "FunAD":
+        """Finish a fit with a Local-Net trained by another model instead of training one: what ``fit`` gives.
+
+        For configs that differ only in inference settings
+        (:data:`funad.config.INFERENCE_SETTINGS`, e.g. ``clean_share``), which
+        train the same Local-Net: a sweep over them trains once per seed.
+
+        Args:
+            state: ``state_dict()`` of a model fitted on ``features`` (its bank, if any, is ignored).
+            features, synthetic, nn_backend: as the ``fit`` that trained it got them (same images, same order).
+            device: where this model scores.
+        Raises ConfigError when the two configs differ in a training setting.
+        """
+        theirs = training_settings(FunADConfig.completed(state.get("config", {})))
+        ours = training_settings(self.config.to_dict())
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        if diff:
+            raise ConfigError("adopt_training: the trained model was fitted with other training settings: "
+                              + ", ".join(f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in diff))
+        source = as_source(features)
+        if int(state.get("n_patches", source.n_patches)) != source.n_patches:
+            raise DataError(f"adopt_training: the Local-Net was trained on {state['n_patches']} patches per image, "
+                            f"the features have {source.n_patches}")
+        self.load_state_dict({k: state[k] for k in ("dim", "n_patches", "net") if k in state}, device)
+        self.trained_net_ = self.net_
+        return self._after_training(source, synthetic, nn_backend)
 
     def fit_clean_bank(self, features: FeaturesLike, *, synthetic: Optional[np.ndarray] = None,
                        nn_backend: str = "auto") -> "FunAD":
@@ -387,9 +420,10 @@ class FunAD:
         return patches, scores
 
     # ------------------------------------------------------------ persistence
-    def state_dict(self) -> dict:
+    def state_dict(self, with_bank: bool = True) -> dict:
         """{"config": dict, "dim": int, "n_patches": int, "net": {name: CPU tensor}}; with a clean-image bank
-        also "knn": {"bank": (n_bank, D) tensor} and "clean_images": its training images' indices (int64)."""
+        (unless ``with_bank`` is False) also "knn": {"bank": (n_bank, D) tensor} and "clean_images": its training
+        images' indices (int64)."""
         self._check_fitted()
         state = {
             "config": self.config.to_dict(),
@@ -397,7 +431,7 @@ class FunAD:
             "n_patches": self.n_patches_,
             "net": {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()},
         }
-        if getattr(self, "knn_", None) is not None:
+        if with_bank and getattr(self, "knn_", None) is not None:
             state["knn"] = self.knn_.state_dict()
             state["clean_images"] = torch.as_tensor(self.clean_images_, dtype=torch.int64)
         return state

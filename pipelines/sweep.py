@@ -14,7 +14,11 @@ each cell the sweep
 1. draws the contamination split (``funad.contamination`` with the cell's
    seed, exactly as ``funad fit --contamination RATIO --seed SEED`` would);
 2. fits the method on the split's training images (final epoch; model
-   selection never looks at test labels);
+   selection never looks at test labels). A FUN-AD cell that differs from
+   an earlier one only in inference settings (``scorer``, ``clean_share``,
+   ``clean_coreset``, ``clean_max_patches``, ``score_space``) takes that
+   cell's trained Local-Net instead of training the same one again
+   (:class:`TrainedNets`; ``trained_by`` in results.csv);
 3. scores the split's test images and measures them exactly as ``funad eval``
    does (:func:`funad.pipelines.scoring.measure`: anomaly maps with the
    cache's grid, mask size and map sigma; image AUROC/AP/F1-max, pixel
@@ -50,6 +54,7 @@ import logging
 import resource
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -99,9 +104,40 @@ class _Features:
         return torch.as_tensor([self.row[int(i)] for i in ids], dtype=torch.long, device=self.pool.device)
 
 
+class TrainedNets:
+    """The Local-Nets the sweep trained, by :attr:`Cell.training_key`: a cell that differs from an earlier one
+    only in inference settings (``scorer``, ``clean_share``...) takes its net instead of training again.
+
+    Holds at most ``size`` nets (the most recently used), as CPU state dicts without any bank: a few MB each.
+    A resumed sweep starts empty and trains again where it must, with the same result.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size, self.nets = size, OrderedDict()
+
+    def find(self, cell: Cell) -> Optional[tuple[str, dict]]:
+        """(key of the cell that trained it, its state) for ``cell``'s training, or None."""
+        found = self.nets.get(cell.training_key) if cell.training_key else None
+        if found is not None:
+            self.nets.move_to_end(cell.training_key)
+        return found
+
+    def keep(self, cell: Cell, model) -> None:
+        if cell.training_key:
+            self.nets[cell.training_key] = (cell.key, model.state_dict(with_bank=False))
+            while len(self.nets) > self.size:
+                self.nets.popitem(last=False)
+
+
 def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
-             sweep_dir: Optional[Path] = None, map_size: str = "input") -> dict:
-    """Fit and evaluate one cell; returns its results.csv row (and writes cells/<key>.json into ``sweep_dir``)."""
+             sweep_dir: Optional[Path] = None, map_size: str = "input",
+             trained: Optional[TrainedNets] = None) -> dict:
+    """Fit and evaluate one cell; returns its results.csv row (and writes cells/<key>.json into ``sweep_dir``).
+
+    With ``trained``, a FUN-AD cell whose training an earlier cell did takes that cell's Local-Net
+    (``FunAD.adopt_training``, the same model as training again; ``trained_by`` names the cell and ``fit_s``
+    leaves the training out), and a cell that trains leaves its net there.
+    """
     from funad.data import TensorSource
 
     split = split_cache(store, cell.ratio, cell.overlap, cell.seed)
@@ -116,7 +152,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    start = time.perf_counter()
+    start, trained_by = time.perf_counter(), ""
     model = modeldir.build_model(cell.spec.method, config, device=device)
     source = TensorSource(feats.pool.index_select(0, feats.rows(np.concatenate([train_ids, syn_ids]))))
     if cell.spec.method == "funad":
@@ -125,11 +161,18 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
             task.update(**{"epoch": record.get("epoch", ""), **({"loss": float(loss)} if loss is not None else {})})
 
         synthetic = np.arange(source.n_images) >= len(train_ids)
-        labels = None
-        if len(syn_ids) and config.get("synthetic") == "mask":
-            labels = np.zeros((source.n_images, source.n_patches), dtype=np.uint8)
-            labels[synthetic] = synthetic_labels(store, syn_ids)
-        model.fit(source, device=device, callback=on_epoch, synthetic=synthetic, synthetic_labels=labels)
+        earlier = trained.find(cell) if trained is not None else None
+        if earlier is not None:
+            trained_by = earlier[0]
+            model.adopt_training(earlier[1], source, device=device, synthetic=synthetic if synthetic.any() else None)
+        else:
+            labels = None
+            if len(syn_ids) and config.get("synthetic") == "mask":
+                labels = np.zeros((source.n_images, source.n_patches), dtype=np.uint8)
+                labels[synthetic] = synthetic_labels(store, syn_ids)
+            model.fit(source, device=device, callback=on_epoch, synthetic=synthetic, synthetic_labels=labels)
+            if trained is not None:
+                trained.keep(cell, model)
     else:
         model.fit(source)
     # The unlabelled thresholds, exactly as `funad fit` chooses them (default rule and parameters).
@@ -168,7 +211,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
         "n_train": len(train_ids), "n_synthetic": len(syn_ids), "n_test": len(test_ids), "n_moved": split["n_moved"],
         "moved_ids": split["moved_ids"], "fit_s": fit_s, "score_s": score_s, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
-        "device": str(device), "selection": "final", "reused_from": "",
+        "device": str(device), "selection": "final", "reused_from": "", "trained_by": trained_by,
         "clean_images": kept.get("images"), "clean_normal_share": kept.get("normal_share"),
         "cache_fingerprint": store.fingerprint(), "funad_version": __version__,
         "map_size": "input" if original is None else "original",
@@ -247,6 +290,7 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
 
             feats = _Features(store, dev, progress)
             task = progress.task("sweep", total=len(cells), unit="cell")
+            trained = TrainedNets()
             task.advance(len(cells) - len(todo))
             for cell in todo:
                 task.update(description=f"sweep {cell.key}")
@@ -254,7 +298,8 @@ def sweep(cache_path, sweep_dir, *, ratios: Sequence[float] = DEFAULT_RATIOS, ov
                 if twin is not None:
                     row = {**twin, "key": cell.key, "overlap": 1, "reused_from": twin["key"]}
                 else:
-                    row = run_cell(cell, store, feats, device=dev, task=task, sweep_dir=sweep_dir, map_size=map_size)
+                    row = run_cell(cell, store, feats, device=dev, task=task, sweep_dir=sweep_dir, map_size=map_size,
+                                   trained=trained)
                 append_row(csv_path, row)
                 done[cell.key] = row
                 task.advance(1)

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from funad.config import effective_settings
+from funad.config import effective_settings, training_settings
 
 from . import modeldir
 from .errors import PipelineError
@@ -129,6 +129,18 @@ class Cell:
         parts = [self.spec.label, "overlap" if self.overlap else "no-overlap", f"ratio={self.ratio:g}",
                  f"seed={self.seed}"]
         return "|".join(parts + self.params_text.split() + [f"cfg={config_digest(self.config)}"])
+
+    @property
+    def training_key(self) -> Optional[str]:
+        """FUN-AD cells with equal training keys train the same Local-Net on the same images: they differ at
+        most in inference settings (:data:`funad.config.INFERENCE_SETTINGS`), or only in the preset's name
+        (``fast`` and ``cleaned``). None for the baselines, which have no training to share."""
+        if self.spec.method != "funad":
+            return None
+        digest = hashlib.sha256(json.dumps(training_settings(self.config), sort_keys=True,
+                                           default=str).encode()).hexdigest()[:12]
+        return "|".join([self.spec.method, "overlap" if self.overlap else "no-overlap", f"ratio={self.ratio:g}",
+                         f"seed={self.seed}", f"train={digest}"])
 
     def twin_key(self) -> Optional[str]:
         """At ratio 0 the overlap cell equals the no-overlap one: the key of that twin."""

@@ -41,6 +41,7 @@ COLUMNS = (
     + tuple(f"cfg_{f}" for f in FIELDS)
     + ("cfg_coreset_ratio",)
     + ("clean_images", "clean_normal_share")  # scorer=clean_knn: images kept, and the share the labels call normal
+    + ("trained_by",)  # the cell whose trained Local-Net this cell took (fit_s then leaves the training out)
 )
 
 
@@ -237,14 +238,15 @@ def _time_table(rows: Sequence[dict]) -> list[str]:
     """Each method's fit and scoring wall time: median (min-max) over its cells that ran (not reused)."""
     by_label: dict[str, list[dict]] = {}
     for r in rows:
-        if not r.get("reused_from"):
+        if not r.get("reused_from") and not r.get("trained_by"):
             by_label.setdefault(_row_label(r), []).append(r)
     lines = ["## Fit and scoring time (s), median (min-max) over each method's cells", "",
              "Wall seconds on the machine that ran the sweep (`device` in results.csv). Fit: the whole training "
              "(FUN-AD) or the bank and its coreset (kNN, SoftPatch), then the unlabelled thresholds, which score "
              "every training image (for kNN and SoftPatch each against the bank without its own patches, an exact "
              "search that costs more than building the bank); scoring: the test set's maps and scores. "
-             "Cells that shared the cores with other jobs are slower, so compare methods within one sweep.", "",
+             "Cells that shared the cores with other jobs are slower, so compare methods within one sweep. "
+             "Cells that took another cell's trained Local-Net (`trained_by` in results.csv) are left out.", "",
              "| method | cells | fit | scoring |", "|---|---|---|---|"]
 
     def span(values: list[float]) -> str:

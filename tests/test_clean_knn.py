@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from funad import FunAD, preset
 from funad.config import FunADConfig, effective_settings
-from funad.errors import ConfigError, NotFittedError
+from funad.errors import ConfigError, DataError, NotFittedError
 from funad import cache
 from funad.pipelines import modeldir, thresholds
 from funad.pipelines.settings import model_config
@@ -104,6 +104,29 @@ def test_training_is_the_same_whatever_the_scorer(fitted):
     local = FunAD(cfg(scorer="localnet")).fit(features())
     for key, value in local.state_dict()["net"].items():
         assert torch.equal(value, fitted.state_dict()["net"][key]), key
+
+
+def test_adopting_a_trained_net_gives_what_training_again_gives(fitted):
+    x, y = features(), features(seed=3)
+    other = cfg(clean_share=0.25, clean_coreset=0.5)
+    fresh = FunAD(other).fit(x)
+    adopted = FunAD(other).adopt_training(fitted.state_dict(), x)
+    np.testing.assert_array_equal(adopted.clean_images_, fresh.clean_images_)
+    assert len(adopted.clean_images_) == N // 4
+    for got, want in zip(adopted.score(y), fresh.score(y)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(adopted.score_held_out(x)[1], fresh.score_held_out(x)[1])
+    # the Local-Net's own scores too, from a model that trained with the kNN scorer
+    local = FunAD(cfg(scorer="localnet")).adopt_training(fitted.state_dict(with_bank=False), x)
+    np.testing.assert_array_equal(local.score(y)[0], FunAD(cfg(scorer="localnet")).fit(x).score(y)[0])
+    assert local.knn_ is None
+
+
+def test_adopting_refuses_a_net_trained_with_other_training_settings(fitted):
+    with pytest.raises(ConfigError, match=r"lr=0.001 \(here 0.002\)"):
+        FunAD(cfg(lr=2e-3)).adopt_training(fitted.state_dict(), features())
+    with pytest.raises(DataError, match="trained on 6 patches per image, the features have 3"):
+        FunAD(cfg()).adopt_training(fitted.state_dict(), features()[:, :3])
 
 
 @pytest.mark.parametrize("bad, match", [
