@@ -150,6 +150,29 @@ def test_same_seed_gives_identical_weights(fitted):
     assert not same_weights(weights(model), weights(other))
 
 
+class WholeImagesOnly:
+    """A feature source with nothing but ``get``, as a streaming source may be."""
+
+    def __init__(self, x):
+        self.x, (self.n_images, self.n_patches, self.dim) = x, x.shape
+
+    def get(self, indices):
+        return self.x[torch.as_tensor(np.asarray(indices))].float()
+
+
+def test_sampled_patches_train_the_same_whether_or_not_the_source_gathers_them():
+    # TensorSource copies only a step's sampled patches (get_patches); a source without it gives whole images
+    config = small(epochs=2, bank_every=2, batch_patches=5, bank_patches=30)
+    x = planted()
+    direct = FunAD(config).fit(x)
+    assert same_weights(weights(direct), weights(FunAD(config).fit(WholeImagesOnly(x))))
+    from funad.data import SubsetSource, TensorSource, get_patches
+
+    positions = torch.tensor([0, 3, 8])
+    for source in (TensorSource(x), SubsetSource(TensorSource(x), np.arange(N)), WholeImagesOnly(x)):
+        assert torch.equal(get_patches(source, np.array([5, 2]), positions), x[[5, 2]][:, positions])
+
+
 def test_state_dict_round_trip_gives_identical_scores(fitted):
     model, _ = fitted
     x = planted(seed=3)
