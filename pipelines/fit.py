@@ -262,8 +262,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             if model.config.scorer == "clean_knn":  # the chosen epoch's φ picks the clean images again
                 state = model.fit_clean_bank(real).state_dict()
         if spec.method == "funad" and model.config.scorer == "clean_knn":
-            config["clean_bank"] = clean_bank_record(
-                model, np.asarray(store.labels)[split["train_ids"]] if split["labelled"] else None)
+            config["clean_bank"] = clean_bank_record(model, store, split)
         # Decide without labels: thresholds from the training images' scores (no label is read).
         grid, mask_size = ((1, 1), (1, 1)) if spec.tokens == "class" else (store.grid, store.mask_size)
         config[thresholds.THRESHOLD_KEY] = thresholds.fit_thresholds(model, spec.method, real, grid, mask_size,

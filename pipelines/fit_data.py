@@ -126,20 +126,20 @@ def synthetic_labels(store, ids: np.ndarray, tokens: str = "patch") -> np.ndarra
     return patch_labels(store.read_masks(ids), store.grid)
 
 
-def clean_bank_record(model, image_labels: Optional[np.ndarray]) -> Optional[dict]:
+def clean_bank_record(model, store, split: dict) -> Optional[dict]:
     """What a ``scorer="clean_knn"`` model kept (config.json's ``"clean_bank"``); None for other models.
 
-    ``image_labels`` are the training images' labels in source order, or None
-    for an unlabelled cache. ``normal_share`` (the share of kept images they
-    call normal) is read after the model is built and acts on nothing: a
+    ``split`` is the model's training split (:func:`split_cache`). On a
+    labelled cache ``normal_share`` (the share of kept images the labels call
+    normal) is read after the model is built and acts on nothing: a
     diagnostic of how clean the bank is.
     """
     rows = getattr(model, "clean_images_", None)
     if rows is None:
         return None
     record = {"images": int(len(rows)), "bank_patches": int(model.knn_.bank_.shape[0])}
-    if image_labels is not None:
-        kept = np.asarray(image_labels)[np.asarray(rows)]
+    if split["labelled"]:
+        kept = np.asarray(store.labels)[np.asarray(split["train_ids"], dtype=np.int64)][np.asarray(rows)]
         record["normal_share"] = float((kept == 0).mean())
         record["anomalous_kept"] = int((kept != 0).sum())
     return record

@@ -181,7 +181,7 @@ def run_cell(cell: Cell, store, feats: _Features, *, device: torch.device, task,
                                        thresholds.rule_for(cell.spec.method, config=config), device)
     del source
     fit_s = time.perf_counter() - start
-    kept = clean_bank_record(model, np.asarray(store.labels)[train_ids] if split["labelled"] else None) or {}
+    kept = clean_bank_record(model, store, split) or {}
 
     start = time.perf_counter()
     scores, image_scores = score_tensor(model, feats.pool.index_select(0, feats.rows(test_ids)), device=device,
