@@ -43,6 +43,9 @@ def sweep(cache_path: Path, sweep_dir: Path, ratios: str, overlap: str, methods:
       funad sweep feats.zarr -o sweep/ --contamination 0,0.1 --methods funad,knn \\
           --seeds 0,1,2 --set lambda_=0,2.5
     Every cell keeps its final epoch: nothing is selected with test labels.
+    Cells that differ only in inference settings (scorer, clean_share,
+    clean_coreset, clean_max_patches, score_space) train once and share the
+    Local-Net (trained_by in results.csv).
     """
     from funad.pipelines import sweep as sw
 
