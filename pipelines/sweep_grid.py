@@ -96,8 +96,11 @@ def parse_grid_sets(items: Sequence[str]) -> dict[str, list]:
 def config_digest(config: dict) -> str:
     """12 hex digits identifying a full config dict (sorted JSON, sha256) by the settings that act in it
     (:func:`funad.config.effective_settings`)."""
-    config = effective_settings(config)
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _digest(effective_settings(config))
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,8 @@ class Cell:
         (``fast`` and ``cleaned``). None for the baselines, which have no training to share."""
         if self.spec.method != "funad":
             return None
-        digest = hashlib.sha256(json.dumps(training_settings(self.config), sort_keys=True,
-                                           default=str).encode()).hexdigest()[:12]
         return "|".join([self.spec.method, "overlap" if self.overlap else "no-overlap", f"ratio={self.ratio:g}",
-                         f"seed={self.seed}", f"train={digest}"])
+                         f"seed={self.seed}", f"train={_digest(training_settings(self.config))}"])
 
     def twin_key(self) -> Optional[str]:
         """At ratio 0 the overlap cell equals the no-overlap one: the key of that twin."""
