@@ -40,7 +40,7 @@ def parse_sets(values: tuple[str, ...], method: str = "funad") -> tuple[tuple[st
     return tuple(sorted(out.items()))
 
 
-# Options that define the fit; on --resume those not given take the recorded value.
+# Options that define the fit; on --resume and --from-model those not given take the recorded value.
 _SPEC_OPTIONS = ("method", "preset", "epochs", "seed", "contamination", "overlap", "coreset_ratio", "select",
                  "threshold_rule", "expected_contamination", "pixel_quantile", "synthetic", "tokens")
 
@@ -136,6 +136,12 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
               help="patch: the paper's patch features; class: the image-level variant on the class tokens alone "
                    "(P = 1; eval then reports image metrics only).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit in MODEL_DIR from its checkpoint.")
+@click.option("--from-model", "from_model", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="MODEL",
+              help="Take the Local-Net trained in the finished model directory MODEL instead of training one, and "
+                   "score with it anew: with other settings that act after training (--set scorer, clean_share, "
+                   "clean_coreset, clean_max_patches, score_space; --preset fast or cleaned) or other threshold "
+                   "options. Options not given are MODEL's; a change to anything else is refused.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
 @click.option("--keep-checkpoint", is_flag=True,
               help="Keep checkpoint.pt (training state, for --resume) beside the finished model; it is removed "
@@ -148,7 +154,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
         seed: int, contamination: float, overlap: bool, device: str, resident: str, coreset_ratio: Optional[float],
         select: str, threshold_rule: str, expected_contamination: float, pixel_quantile: Optional[float],
         synthetic: Optional[bool], tokens: str,
-        resume: bool, overwrite: bool, keep_checkpoint: bool, eval_every: Optional[int]) -> None:
+        resume: bool, from_model: Optional[Path], overwrite: bool, keep_checkpoint: bool,
+        eval_every: Optional[int]) -> None:
     """Fit a model on the features in CACHE and write it to MODEL_DIR.
 
     \b
@@ -156,7 +163,8 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     robustness to contamination (--contamination, --overlap); the moved
     images are recorded in config.json. The final epoch is kept.
     Ctrl-C writes a checkpoint of the last finished epoch; continue with
-    --resume.
+    --resume. --from-model MODEL scores a trained model anew, e.g. with
+    another clean_share, in seconds rather than a whole fit.
     """
     from funad.pipelines.fit import FitSpec, fit as run_fit
 
@@ -165,15 +173,25 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
                "threshold_rule": threshold_rule, "expected_contamination": expected_contamination,
                "pixel_quantile": DEFAULT_PIXEL_QUANTILE if pixel_quantile is None else pixel_quantile,
                "synthetic": synthetic, "tokens": tokens}
-    recorded = _recorded_options(model_dir) if resume else None
+    recorded = _recorded_options(from_model) if from_model is not None else \
+        _recorded_options(model_dir) if resume else None
+    if from_model is not None and recorded is None:
+        from funad.pipelines.modeldir import read_config
+
+        read_config(from_model)  # names what is missing or unreadable
+        raise click.BadParameter(f"{from_model / 'config.json'} records no fit options; fit it again with this "
+                                 "version of funad", param_hint="--from-model")
     if recorded:
         ctx = click.get_current_context()
         for name in _SPEC_OPTIONS:
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
                 options[name] = recorded.get(name, options[name])
+    if from_model is not None and options["method"] != "funad":
+        raise click.BadParameter(f"takes the Local-Net of a FUN-AD fit, and a {options['method']} model trains "
+                                 "none; fit the baseline without --from-model", param_hint="--from-model")
     overrides = parse_sets(sets, options["method"])
     if recorded:
-        # --set on --resume adds to the recorded overrides (a change is then refused by the pipeline).
+        # --set on --resume or --from-model adds to the recorded overrides (the pipeline refuses what it must).
         overrides = tuple(sorted({**(recorded.get("overrides") or {}), **dict(overrides)}.items()))
     if options["method"] == "funad" and options["coreset_ratio"] is not None:
         raise click.BadParameter("applies to the baselines (e.g. --method knn) only", param_hint="--coreset-ratio")
@@ -185,14 +203,15 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     with RichProgress() as progress:
         result = run_fit(cache_path, model_dir, spec, device=device, resident=resident, resume=resume,
                          overwrite=overwrite, keep_checkpoint=keep_checkpoint, eval_every=eval_every,
-                         progress=progress)
+                         trained_from=from_model, progress=progress)
     split = result.config["contamination"]
     console.print(
         f"[green]model written to {model_dir}[/] ({spec.method}"
         f"{', preset ' + spec.preset if spec.method == 'funad' else ''}, {split['n_train']} training images, "
         f"{split['n_moved']} moved anomalies"
         + (f", {len(split['synthetic_ids'])} synthetic anomalies" if split.get("synthetic_ids") else "")
-        + (", class tokens only" if spec.tokens == "class" else "") + f", {result.seconds:.1f} s)"
+        + (", class tokens only" if spec.tokens == "class" else "") + f", {result.seconds:.1f} s"
+        + (f", with the Local-Net trained in {from_model}" if from_model is not None else "") + ")"
     )
     thr = result.config.get("threshold")
     if thr:

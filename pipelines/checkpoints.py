@@ -1,4 +1,5 @@
-"""The training checkpoint of ``funad fit``: when it is written, what ``--resume`` accepts, and Ctrl-C.
+"""The training checkpoint of ``funad fit``: when it is written, what ``--resume`` accepts, and Ctrl-C; and
+what ``--from-model`` accepts: a finished fit whose Local-Net another fit may score with.
 
 ``checkpoint.pt`` holds the Local-Net and RMSprop state and the RNG states
 after an epoch (``FunAD.fit(on_checkpoint=...)``), so a resumed fit gives the
@@ -81,25 +82,7 @@ def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
     if finished and (config["method"] != "funad" or new_epochs <= old_epochs):
         raise PipelineError(f"the fit in {model_dir} already finished; nothing to resume (pass a larger --epochs "
                             "to train on, or --overwrite to re-fit)")
-    diffs = [f"{key}: {old.get(key)!r} -> {config[key]!r}" for key in ("method", "seed", "selection")
-             if old.get(key) != config[key]]
-    old_config = old["config"]
-    if old.get("method") == "funad" == config["method"]:
-        from funad.config import FunADConfig
-
-        old_config = FunADConfig.completed(old_config)
-    diffs += [f"{key}: {old_config.get(key)!r} -> {config['config'].get(key)!r}"
-              for key in sorted((set(old_config) | set(config["config"])) - {"epochs"})
-              if old_config.get(key) != config["config"].get(key)]
-    if old["cache"].get("fingerprint") != config["cache"]["fingerprint"]:
-        n_old, n_new = old["cache"].get("n_images"), config["cache"].get("n_images")
-        if old["cache"].get("attrs") == config["cache"].get("attrs") or n_old != n_new:
-            diffs.append(f"cache {config['cache'].get('path')} changed since this fit started ({n_old} -> {n_new} "
-                         "images, e.g. appended by `funad extract`), so its split would change under it")
-        else:
-            diffs.append("cache fingerprint differs (another cache)")
-    diffs += [f"contamination {key} differs" for key in ("ratio", "overlap", "seed", "train_ids")
-              if old["contamination"].get(key) != config["contamination"][key]]
+    diffs = _differences(old, config, ignore={"epochs"})
     if diffs:
         raise PipelineError(
             f"--resume: {model_dir} was started with other settings ({'; '.join(diffs)}); pass the same options "
@@ -118,3 +101,58 @@ def check_resume(model_dir: Path, config: dict) -> Optional[dict]:
             f"finished fit's last epoch {old_epochs}; re-fit with --overwrite --epochs {new_epochs}"
         )
     return checkpoint
+
+
+def _differences(old: dict, config: dict, ignore) -> list[str]:
+    """The settings in which config.json dict ``old`` differs from ``config`` (FunADConfig fields in ``ignore``
+    aside), each as "name: old -> new"; a changed cache and another training split count too."""
+    recorded = {"tokens": "patch", **old}  # fits from before --tokens used the patch tokens
+    diffs = [f"{key}: {recorded.get(key)!r} -> {config[key]!r}" for key in ("method", "seed", "selection", "tokens")
+             if recorded.get(key) != config[key]]
+    old_config = old["config"]
+    if old.get("method") == "funad" == config["method"]:
+        from funad.config import FunADConfig
+
+        old_config = FunADConfig.completed(old_config)
+    diffs += [f"{key}: {old_config.get(key)!r} -> {config['config'].get(key)!r}"
+              for key in sorted((set(old_config) | set(config["config"])) - set(ignore))
+              if old_config.get(key) != config["config"].get(key)]
+    if old["cache"].get("fingerprint") != config["cache"]["fingerprint"]:
+        n_old, n_new = old["cache"].get("n_images"), config["cache"].get("n_images")
+        if old["cache"].get("attrs") == config["cache"].get("attrs") or n_old != n_new:
+            diffs.append(f"cache {config['cache'].get('path')} changed since this fit started ({n_old} -> {n_new} "
+                         "images, e.g. appended by `funad extract`), so its split would change under it")
+        else:
+            diffs.append("cache fingerprint differs (another cache)")
+    diffs += [f"contamination {key} differs" for key in ("ratio", "overlap", "seed", "train_ids", "synthetic_ids")
+              if old["contamination"].get(key, config["contamination"].get(key)) != config["contamination"].get(key)]
+    return diffs
+
+
+def check_trained_from(trained_dir: Path, config: dict) -> dict:
+    """Check that ``trained_dir`` holds a finished FUN-AD fit whose Local-Net the fit ``config`` may score with
+    (``funad fit --from-model``): the same method, cache, training split and training settings; only the settings
+    that act after training (:data:`funad.config.INFERENCE_SETTINGS`) and the thresholds' options may differ.
+
+    Returns its saved weights. Raises PipelineError naming every difference.
+    """
+    from funad.config import INFERENCE_SETTINGS
+
+    info = modeldir.read_config(trained_dir)  # names a missing or unreadable config.json
+    old = info.raw
+    if not old.get("complete"):
+        raise PipelineError(f"--from-model: the fit in {trained_dir} has not finished; finish it first "
+                            f"(`funad fit ... -o {trained_dir} --resume`)")
+    if old["method"] != "funad":
+        raise PipelineError(f"--from-model: {trained_dir} holds a {old['method']} model, which trains no Local-Net; "
+                            "fit it again with the new settings instead")
+    if old["selection"] != "final":
+        raise PipelineError(f"--from-model: {trained_dir} kept an epoch chosen with test labels (--select "
+                            f"{old['selection']}); only a final-epoch fit can be scored anew")
+    diffs = _differences(old, config, ignore=set(INFERENCE_SETTINGS))
+    if diffs:
+        raise PipelineError(
+            f"--from-model: {trained_dir} trained with other settings ({'; '.join(diffs)}). It can be scored anew "
+            f"only with other {', '.join(INFERENCE_SETTINGS)} (--set) or threshold options; drop the other changes, "
+            "or fit without --from-model to train again")
+    return modeldir.load_weights(trained_dir)

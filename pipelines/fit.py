@@ -15,6 +15,7 @@ labels, is logged as such and is recorded as ``"selection": "oracle"``.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from funad import __version__, cache
 from funad.config import FunADConfig
 
 from . import modeldir, thresholds
-from .checkpoints import Checkpointer, check_resume, checkpoint_epoch
+from .checkpoints import Checkpointer, check_resume, check_trained_from, checkpoint_epoch
 from .device import has_native_bf16, resolve_device
 from .errors import PipelineError
 from .features import RESIDENCIES, TOKENS, FirstImages, check_tokens, make_source
@@ -167,7 +168,7 @@ def _say_epoch_cap(config_dict: dict, n_train: int, *, asked: bool) -> None:
 
 def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto", resident: str = "auto",
         resume: bool = False, overwrite: bool = False, checkpoint_seconds: float = 30.0,
-        keep_checkpoint: bool = False, eval_every: Optional[int] = None,
+        keep_checkpoint: bool = False, eval_every: Optional[int] = None, trained_from=None,
         progress: Progress = NullProgress()) -> FitResult:
     """Fit ``spec`` on the cache at ``cache_path`` and write ``model_dir``.
 
@@ -189,6 +190,10 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         eval_every: a diagnostic: every this many epochs (and at the last),
             measure the test split and add its AUROCs and AUPRO to the
             epoch's train_log.jsonl record. Uses test labels; never selects anything.
+        trained_from: a finished FUN-AD model directory to take the trained Local-Net from instead of training
+            (``--from-model``): ``spec`` may differ from its fit only in settings that act after training
+            (``scorer``, ``clean_share``... and the thresholds' options), which this fit applies
+            (``FunAD.adopt_training``: the model a fit with ``spec`` would give). Its training log is copied.
     Returns:
         A :class:`FitResult`; the model directory is complete when it returns.
     """
@@ -201,6 +206,16 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
                             f"(got {eval_every} with --method {spec.method})")
     dev = resolve_device(device)
     model_dir = Path(model_dir)
+    if trained_from is not None:
+        trained_from = Path(trained_from)
+        if resume:
+            raise PipelineError("--from-model and --resume contradict each other: --from-model trains nothing")
+        if eval_every is not None:
+            raise PipelineError("--eval-every logs a learning curve while training, and --from-model trains nothing "
+                                f"(the training log of {trained_from} has the curve if that fit logged one)")
+        if trained_from.resolve() == model_dir.resolve():
+            raise PipelineError(f"--from-model {trained_from} is the output directory; write the model scored "
+                                "anew to another -o")
     config_dict = spec.model_config()
     start = time.perf_counter()
 
@@ -229,13 +244,15 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             "complete": False,
         }
         checkpoint = check_resume(model_dir, config) if resume else None
+        trained = check_trained_from(trained_from, config) if trained_from is not None else None
         modeldir.prepare_model_dir(model_dir, overwrite=overwrite, resume=resume)
         modeldir.write_config(model_dir, config)  # complete: false until the weights are written
         if spec.select == "oracle":
             logger.warning(ORACLE_WARNING)
-        logger.info("fitting %s on %d images of %s on %s (%s tokens, %d synthetic)", spec.method, len(train_ids),
-                    store.path, dev, spec.tokens, len(split["synthetic_ids"]))
-        if spec.method == "funad":
+        logger.info("%s %s on %d images of %s on %s (%s tokens, %d synthetic)",
+                    "fitting" if trained is None else f"scoring the Local-Net of {trained_from} anew:", spec.method,
+                    len(train_ids), store.path, dev, spec.tokens, len(split["synthetic_ids"]))
+        if spec.method == "funad" and trained is None:
             _say_epoch_cap(config_dict, len(train_ids), asked=spec.epochs is not None)
         if spec.method == "funad" and not config_dict.get("bf16") and has_native_bf16(dev):
             logger.info("The %s device has native bf16 arithmetic: --set bf16=true ran a --preset fast bottle fit "
@@ -248,7 +265,16 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
         model = modeldir.build_model(spec.method, config_dict, device=dev)
         log: list[dict] = []
         oracle_record = None
-        if spec.method == "funad":
+        if trained is not None:
+            synthetic = np.isin(train_ids, split["synthetic_ids"])
+            model.adopt_training(trained, source, device=dev, synthetic=synthetic if synthetic.any() else None)
+            state = model.state_dict()
+            if (trained_from / modeldir.LOG_FILE).is_file():
+                modeldir.atomic_write(model_dir / modeldir.LOG_FILE,
+                                      lambda tmp: shutil.copyfile(trained_from / modeldir.LOG_FILE, tmp))
+            config["trained_by"] = {"model_dir": str(trained_from.resolve()),
+                                    "fit_seconds": modeldir.read_config(trained_from).raw.get("fit_seconds")}
+        elif spec.method == "funad":
             state, log, oracle_record = _fit_funad(model, store, source, split, config_dict, model_dir, checkpoint,
                                                    dev, spec.select == "oracle", checkpoint_seconds,
                                                    keep_checkpoint, eval_every, progress, spec.tokens)

@@ -36,10 +36,15 @@ Layout (DESIGN.md, "Model directory")::
                     training scores (funad.pipelines.thresholds)
     oracle          only with selection "oracle": {"warning", "epoch",
                     "image_auroc", "pixel_auroc", "mean", "curve"}
-    options         the `funad fit` options (what --resume re-uses)
+    clean_bank      scorer "clean_knn": the training images kept for its bank
+                    (pipelines/fit_data.py, clean_bank_record)
+    trained_by      only after `funad fit --from-model`: {"model_dir",
+                    "fit_seconds"} of the fit whose Local-Net this model took
+    options         the `funad fit` options (what --resume and --from-model re-use)
     device          where the fit ran
     funad_version   the version that wrote the directory
-    fit_seconds     wall time of the (last) fit run
+    fit_seconds     wall time of the (last) fit run (with --from-model: of
+                    the scoring, the training's is in trained_by)
     epochs_logged   records in train_log.jsonl (funad)
     complete        true once the weights are written (false while training)
 

@@ -381,6 +381,55 @@ def test_misspelt_set_and_existing_dir(store_path, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_from_model_scores_anew_as_a_fresh_fit_with_those_settings(store_path, tmp_path):
+    """--from-model takes the trained Local-Net and applies other inference and threshold settings: the model
+    is the one a fresh fit with those settings writes, bit for bit, and the training log is the trained one's."""
+    trained, anew, fresh = tmp_path / "trained", tmp_path / "anew", tmp_path / "fresh"
+    assert run([store_path, "-o", trained, *FAST, "--contamination", "0.25", "--seed", "1"]).exit_code == 0
+    changes = ["--set", "clean_share=0.75", "--threshold-rule", "otsu"]
+    res = run([store_path, "-o", anew, "--from-model", trained, "--device", "cpu", *changes])
+    assert res.exit_code == 0, res.output
+    assert f"with the Local-Net trained in {trained}" in " ".join(res.output.split())
+    res = run([store_path, "-o", fresh, *FAST, "--contamination", "0.25", "--seed", "1", *changes])
+    assert res.exit_code == 0, res.output
+    assert_same_weights(modeldir.load_weights(anew), modeldir.load_weights(fresh))
+    a, f = (json.loads((d / "config.json").read_text()) for d in (anew, fresh))
+    assert a["config"] == f["config"] and a["config"]["clean_share"] == 0.75
+    assert a["threshold"] == f["threshold"] and a["threshold"]["rule"] == "otsu"
+    assert a["contamination"] == f["contamination"] and a["clean_bank"] == f["clean_bank"]
+    assert a["trained_by"]["model_dir"] == str(trained.resolve()) and "trained_by" not in f
+    assert modeldir.read_log(anew) == modeldir.read_log(trained)
+    # The trained model is untouched; so is its clean-image bank (clean_share 0.5).
+    assert json.loads((trained / "config.json").read_text())["config"]["clean_share"] == 0.5
+
+
+def test_from_model_refuses_what_would_need_training(store_path, tmp_path):
+    trained = tmp_path / "trained"
+    assert run([store_path, "-o", trained, *FAST]).exit_code == 0
+    cases = [
+        (["--set", "lambda_=1"], "lambda_: 2.5 -> 1.0"),
+        (["--epochs", "3"], "epochs: 2 -> 3"),
+        (["--contamination", "0.25"], "contamination ratio differs"),
+        (["--method", "knn"], "a knn model trains none"),
+    ]
+    for args, message in cases:
+        res = run([store_path, "-o", tmp_path / "anew", "--from-model", trained, "--device", "cpu", *args])
+        assert res.exit_code != 0 and message in " ".join(res.output.split()), (args, res.output)
+        assert not (tmp_path / "anew").exists()  # refused before anything is written
+    res = run([store_path, "-o", trained, "--from-model", trained, "--overwrite", "--device", "cpu"])
+    assert res.exit_code != 0 and "is the output directory" in res.output
+    assert json.loads((trained / "config.json").read_text())["complete"] is True
+    res = run([store_path, "-o", tmp_path / "anew", "--from-model", tmp_path / "nothing", "--device", "cpu"])
+    assert res.exit_code != 0 and "nothing" in res.output and "does not exist" in res.output
+    knn = tmp_path / "knn"
+    assert run([store_path, "-o", knn, "--method", "knn", "--device", "cpu"]).exit_code == 0
+    res = run([store_path, "-o", tmp_path / "anew", "--from-model", knn, "--device", "cpu"])
+    assert res.exit_code != 0 and "a knn model trains none" in " ".join(res.output.split())
+    with pytest.raises(PipelineError, match="holds a knn model, which trains no Local-Net"):
+        fit_pipeline.fit(store_path, tmp_path / "anew", fit_pipeline.FitSpec(overrides=(("batch_size", 4),)),
+                         device="cpu", trained_from=knn)
+
+
 def test_load_model_dir_names_missing_file(store_path, tmp_path):
     out = tmp_path / "m"
     assert run([store_path, "-o", out, *FAST]).exit_code == 0
