@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Which geometry the default preset should see on bottle: the paper's (squash to a square, centre crop: about a
+# quarter of each image is never scored) against the full frame (--geometry full: for bottle's square images the
+# whole image, resized, with the same 28 x 28 grid). 10% contamination, both overlap settings, 3 seeds, pixel
+# metrics at the original images' size (pixels a geometry never scores count as missed) and in the cache's frame.
+# Both caches hold the same 5% FUN-AD* synthetic images (seed 0), switched off here, so the paper-geometry cells
+# are benchmarks/clean_share.sh's default cells (the same folder and keys: found there and skipped).
+# KolektorSDD's two geometries are in geometry.md (benchmarks/scorer.sh runs its full frame).
+#
+#   bash benchmarks/geometry.sh                 # writes benchmarks/results/geometry-bottle.md
+#   TABLES_ONLY=1 bash benchmarks/geometry.sh   # only the table, from the sweeps as far as they have run
+source "$(dirname "$0")/env.sh"
+TABLES_ONLY=${TABLES_ONLY:-}
+
+grid() {  # cache, folder
+  "$BIN/funad" sweep "$1" -o "$2" --contamination 0.1 --overlap both --methods funad --set synthetic=off \
+      --set clean_share=0.5 --seeds "$SEEDS"
+}
+if [ -z "$TABLES_ONLY" ]; then
+  "$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn_full.zarr" --dataset mvtec "${BB[@]}" \
+      --synthetic 0.05 --seed 0 --geometry full
+  grid "$OUT/bottle_syn_full.zarr" "$OUT/geometry_bottle_full_sweep"
+  extract_syn bottle
+  grid "$OUT/bottle_syn.zarr" "$OUT/clean_share_bottle_sweep"
+fi
+for d in geometry_bottle_full_sweep clean_share_bottle_sweep; do [ -f "$OUT/$d/results.csv" ] || exit 0; done
+{
+  echo "Command: \`SEEDS=$SEEDS bash benchmarks/geometry.sh\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)); MVTec AD bottle, the default preset, synthetic images off, 10% contamination. First table: the full frame (\`--geometry full\`); second: the paper geometry."
+  [ -n "$TABLES_ONLY" ] && echo "This table was written with TABLES_ONLY=1, from the sweeps as far as they had run: an empty cell was not run."
+  echo
+  echo "## Full frame"
+  echo
+  "$BIN/python" benchmarks/combine_sweeps.py "$OUT/geometry_bottle_full" "$OUT/geometry_bottle_full_sweep" | sed 's/^#/##/'
+  echo
+  echo "## Paper geometry"
+  echo
+  "$BIN/python" benchmarks/combine_sweeps.py "$OUT/geometry_bottle_paper" "$OUT/clean_share_bottle_sweep" --ratios 0.1 \
+      --match clean_share=0.5 | sed 's/^#/##/'
+} > benchmarks/results/geometry-bottle.md
