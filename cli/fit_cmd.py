@@ -164,7 +164,7 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
     images are recorded in config.json. The final epoch is kept.
     Ctrl-C writes a checkpoint of the last finished epoch; continue with
     --resume. --from-model MODEL scores a trained model anew, e.g. with
-    another clean_share, in seconds rather than a whole fit.
+    another clean_share, without training it again.
     """
     from funad.pipelines.fit import FitSpec, fit as run_fit
 
