@@ -8,7 +8,8 @@ SHARED=${SHARED:-../shared}
 OUT=${OUT:-bench_out}
 SEEDS=${SEEDS:-0,1,2}
 W=$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors
-BB=(--backbone vit_small_patch14_dinov2 --weights "$W" --layer 7 --image-size "${IMAGE_SIZE:-392}" --precision fp32)
+BB=(--backbone vit_small_patch14_dinov2 --weights "$W" --layer 7 --image-size "${IMAGE_SIZE:-392}" --precision fp32
+    --geometry "${GEOMETRY:-paper}")
 mkdir -p "$OUT" benchmarks/results
 
 # extract_syn bottle|ksdd: the FUN-AD* cache $OUT/<name>_syn.zarr (5% synthetic images, seed 0), which

@@ -28,10 +28,11 @@ _DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
               help="Local weights file (timm .safetensors or the official DINO .pth) instead of downloading.")
 @click.option("--layer", type=int, default=None, help="Block to take tokens from, counting from 0 [default: last].")
 @click.option("--image-size", type=int, default=None, help="Input side S [default: the weights' own].")
-@click.option("--geometry", type=click.Choice(["paper", "full"]), default="paper", show_default=True,
-              help="paper: squash to a square of S*256/224 and centre-crop S (the paper's protocol; the border is "
-                   "never scored). full: the whole image with its aspect ratio, short side S, nothing cropped; "
-                   "frames larger than S x S are covered by overlapping S x S tiles stitched into one patch grid.")
+@click.option("--geometry", type=click.Choice(["auto", "paper", "full"]), default="auto", show_default=True,
+              help="full: the whole image with its aspect ratio, short side S, nothing cropped; frames larger than "
+                   "S x S are covered by overlapping S x S tiles stitched into one patch grid. paper: squash to a "
+                   "square of S*256/224 and centre-crop S (the paper's protocol: about a quarter of each image, its "
+                   "border, is never scored). auto: an existing store's own, else full.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on CPU, 64 on GPU].")

@@ -107,7 +107,7 @@ def extract(
     skip_bad: bool = False,
     overwrite: bool = False,
     prune_missing: bool = False,
-    geometry: str = DEFAULT_GEOMETRY,
+    geometry: str = "auto",
     synthetic: Optional[float] = None,
     seed: int = 0,
     chunk_images: Optional[int] = None,
@@ -132,6 +132,7 @@ def extract(
             they are kept, marked missing from the source; :mod:`funad.pipelines.extract_table`).
         geometry: ``paper`` (squash and centre-crop) or ``full`` (the whole image, aspect kept, tiled);
             see :mod:`funad.pipelines.geometry`. An existing store made with another one is refused.
+            ``auto``: an existing store's own, else ``DEFAULT_GEOMETRY`` (``full``).
         synthetic, seed: add ``round(synthetic * n_train)`` FUN-AD* synthetic anomalies made with ``seed``
             (:mod:`funad.pipelines.synthetic`) after the real images, and write their preview grid beside the store.
         chunk_images: images per chunk of a new store (None: ``funad.cache.layout.CHUNK_IMAGES``); an
@@ -182,10 +183,14 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
         samples = samples + plan.samples()
     records = [s.as_record() for s in samples]
     synthetic_attr = {"synthetic": plan.attrs() if plan is not None else None}
+    exists = not overwrite and (output.exists() or output.is_symlink())
+    if geometry == "auto":
+        # a store written before geometries existed records none: it is "paper"
+        geometry = _recorded_attrs(output, format).get("geometry", "paper") if exists else DEFAULT_GEOMETRY
+        logger.info("--geometry auto: %s", geometry)
     if isinstance(backbone, Backbone):
         bb = backbone
     else:
-        exists = not overwrite and (output.exists() or output.is_symlink())
         if precision == "auto":
             precision = auto_precision(distributed.rank_device(resolve_device(device), group),
                                        _recorded_precision(output, format) if exists else None)
@@ -196,7 +201,7 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
                                                                  **known_geometry(geometry), "dtype": dtype,
                                                                  **synthetic_attr}, records))
         bb = load_backbone(backbone, distributed.rank_device(resolve_device(device), group), precision=precision)
-    recorded = None if overwrite or not (output.exists() or output.is_symlink()) else _recorded_attrs(output, format)
+    recorded = _recorded_attrs(output, format) if exists else None
     geom = store_geometry(geometry, bb, [root / s.path for s in samples if s.split != "synthetic"], recorded)
     attributes = {**bb.metadata, **geom.attrs(), "dtype": dtype, "funad_version": funad.__version__,
                   "dataset_kind": kind, "dataset_root": str(root.resolve()), **(synthetic_attr if plan else {})}

@@ -40,7 +40,9 @@ from .errors import DatasetError, PipelineError
 from .preprocess import resize_for
 
 GEOMETRIES = ("paper", "full")
-DEFAULT_GEOMETRY = "paper"
+# What `funad extract` uses for a new store: every pixel scored. BENCHMARKS.md compares the two on bottle and
+# KolektorSDD (geometry.md, geometry-bottle.md).
+DEFAULT_GEOMETRY = "full"
 # Images whose header is read to choose a full frame (evenly spaced over the dataset).
 FRAME_SAMPLE = 256
 
@@ -230,18 +232,26 @@ def default_overlap(image_size: int, patch_size: int) -> int:
 
 
 def typical_size(paths: Sequence, name_of=str) -> tuple[int, int]:
-    """The most common (h, w) among up to :data:`FRAME_SAMPLE` image headers spread evenly over ``paths``."""
+    """The most common (h, w) among up to :data:`FRAME_SAMPLE` image headers spread evenly over ``paths``.
+
+    An unreadable header is passed over: the extraction meets that image again and stops on it, naming it (or
+    skips it with ``--skip-bad``). Only when no header can be read is the first failure raised here.
+    """
     if not paths:
         raise DatasetError("no images to choose a full frame from")
     step = max(1, len(paths) // FRAME_SAMPLE)
     sizes: Counter = Counter()
+    first_failure = None
     for p in list(paths)[::step][:FRAME_SAMPLE]:
         try:
             with Image.open(p) as im:
                 sizes[(im.size[1], im.size[0])] += 1
         except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read image {name_of(p)} ({type(exc).__name__}: {exc}); fix or remove "
-                               f"it") from exc
+            first_failure = first_failure or DatasetError(
+                f"cannot read image {name_of(p)} ({type(exc).__name__}: {exc}), nor any other sampled to choose "
+                "the full frame; fix or remove them")
+    if not sizes:
+        raise first_failure
     return sizes.most_common(1)[0][0]
 
 

@@ -78,7 +78,8 @@ def test_extract_fills_the_store(tmp_path, bb, fmt):
     data = make_mvtec(tmp_path / "data")
     out = tmp_path / ("feats.zarr" if fmt == "zarr" else "feats.h5")
     progress = Recorder()
-    result = extract(data, out, backbone=bb, batch_size=3, num_workers=0, progress=progress)
+    # the paper geometry: one S x S input per image (the full frame is tested in test_geometry.py)
+    result = extract(data, out, backbone=bb, batch_size=3, num_workers=0, progress=progress, geometry="paper")
     assert (result.written, result.skipped, result.already, result.n_images) == (8, 0, 0, 8)
     assert progress.total == 8 and progress.advanced == 8
     with cache.open(out) as store:
@@ -389,7 +390,8 @@ def test_real_bottle_images_with_offline_weights(tmp_path, shared_dir):
     assert result.written == 4
     with cache.open(tmp_path / "bottle.zarr") as store:
         assert store.grid == (28, 28) and store.token_dim == 384 and store.feature_dim == 768
-        assert store.attrs["resize"] == 448 and store.attrs["layer"] == 7
+        # the default geometry: bottle's square 900 x 900 images whole, short side 392, nothing cropped
+        assert store.attrs["geometry"] == "full" and store.attrs["resize"] is None and store.attrs["layer"] == 7
         assert store.attrs["weights_sha256"] == "7eff090d699a0b320248e02a16f776182f36f4f06b2597aead05498fb39e998e"
         feats = store.read_features(np.arange(4), dtype="float32")
         assert feats.shape == (4, 784, 768) and np.isfinite(feats).all()

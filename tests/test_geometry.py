@@ -170,6 +170,33 @@ def write_dataset(root: Path) -> Path:
     return root
 
 
+def test_default_geometry_is_full_for_a_new_store_and_the_stored_one_after(tmp_path):
+    """--geometry auto (the default): a new store scores the whole image; an existing store, e.g. one made with
+    the paper geometry when that was the default, resumes and grows in its own geometry."""
+    data = write_dataset(tmp_path / "data")
+    run = dict(backbone=TINY, precision="fp32", device="cpu", num_workers=0)
+    extract(data, tmp_path / "new.zarr", **run)
+    with cache.open(tmp_path / "new.zarr") as store:
+        assert store.attrs["geometry"] == "full" and store.attrs["crop"] is None
+    old = tmp_path / "old.zarr"
+    extract(data, old, geometry="paper", **run)
+    Image.fromarray(np.full((100, 45, 3), 100, np.uint8)).save(data / "train/good/100.png")
+    result = extract(data, old, **run)
+    assert (result.written, result.already) == (1, 8)
+    with cache.open(old) as store:
+        assert store.attrs["geometry"] == "paper" and store.grid == (2, 2) and store.complete.all()
+
+
+def test_an_unreadable_image_is_named_by_the_extraction_in_the_full_frame_too(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    (data / "train/good/002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = dict(backbone=TINY, precision="fp32", device="cpu", num_workers=0, geometry="full")
+    with pytest.raises(DatasetError, match=r"train/good/002\.png .*--skip-bad"):
+        extract(data, tmp_path / "stop.zarr", **run)
+    result = extract(data, tmp_path / "skip.zarr", skip_bad=True, **run)
+    assert (result.written, result.skipped) == (7, 1)
+
+
 def test_full_geometry_is_recorded_checked_and_evaluated_at_the_original_size(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "full.zarr"
