@@ -70,6 +70,10 @@ class Group:
             raise error
         return result
 
+    def from_leader(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0, its result given to every rank (so that all decide alike)."""
+        return self._broadcast(self.leader_runs(fn))
+
     def union(self, items: list[int]) -> list[int]:
         """The sorted union of every rank's ``items`` (every rank gets it)."""
         if self.world == 1:

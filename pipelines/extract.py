@@ -185,8 +185,9 @@ def _extract(group: distributed.Group, root: Path, output: Path, *, dataset: str
     synthetic_attr = {"synthetic": plan.attrs() if plan is not None else None}
     exists = not overwrite and (output.exists() or output.is_symlink())
     if geometry == "auto":
-        # a store written before geometries existed records none: it is "paper"
-        geometry = _recorded_attrs(output, format).get("geometry", "paper") if exists else DEFAULT_GEOMETRY
+        # decided by rank 0 before it creates the store; a store from before geometries existed is "paper"
+        geometry = group.from_leader(
+            lambda: _recorded_attrs(output, format).get("geometry", "paper") if exists else DEFAULT_GEOMETRY)
         logger.info("--geometry auto: %s", geometry)
     if isinstance(backbone, Backbone):
         bb = backbone
