@@ -11,6 +11,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
+    ("Quality: the default geometry, full frame against the paper's, MVTec AD bottle", "geometry-bottle.md"),
+    ("Quality: the default preset at 5% and 20% contamination, MVTec AD bottle", "contamination-bottle.md"),
     ("Quality: the default preset's clean-image kNN against the Local-Net's own scores, MVTec AD bottle",
      "scorer-bottle.md"),
     ("Quality: the clean-image kNN against the Local-Net's own scores, KolektorSDD (paper geometry)", "scorer-ksdd.md"),
