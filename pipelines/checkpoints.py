@@ -134,7 +134,7 @@ def check_trained_from(trained_dir: Path, config: dict) -> dict:
     (``funad fit --from-model``): the same method, cache, training split and training settings; only the settings
     that act after training (:data:`funad.config.INFERENCE_SETTINGS`) and the thresholds' options may differ.
 
-    Returns its saved weights. Raises PipelineError naming every difference.
+    Returns ``(its saved weights, its config.json dict)``. Raises PipelineError naming every difference.
     """
     from funad.config import INFERENCE_SETTINGS
 
@@ -155,4 +155,4 @@ def check_trained_from(trained_dir: Path, config: dict) -> dict:
             f"--from-model: {trained_dir} trained with other settings ({'; '.join(diffs)}). It can be scored anew "
             f"only with other {', '.join(INFERENCE_SETTINGS)} (--set) or threshold options; drop the other changes, "
             "or fit without --from-model to train again")
-    return modeldir.load_weights(trained_dir)
+    return modeldir.load_weights(trained_dir), old

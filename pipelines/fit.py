@@ -244,7 +244,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
             "complete": False,
         }
         checkpoint = check_resume(model_dir, config) if resume else None
-        trained = check_trained_from(trained_from, config) if trained_from is not None else None
+        trained, trained_config = check_trained_from(trained_from, config) if trained_from is not None else (None, None)
         modeldir.prepare_model_dir(model_dir, overwrite=overwrite, resume=resume)
         modeldir.write_config(model_dir, config)  # complete: false until the weights are written
         if spec.select == "oracle":
@@ -273,7 +273,7 @@ def fit(cache_path, model_dir, spec: FitSpec = FitSpec(), *, device: str = "auto
                 modeldir.atomic_write(model_dir / modeldir.LOG_FILE,
                                       lambda tmp: shutil.copyfile(trained_from / modeldir.LOG_FILE, tmp))
             config["trained_by"] = {"model_dir": str(trained_from.resolve()),
-                                    "fit_seconds": modeldir.read_config(trained_from).raw.get("fit_seconds")}
+                                    "fit_seconds": trained_config.get("fit_seconds")}
         elif spec.method == "funad":
             state, log, oracle_record = _fit_funad(model, store, source, split, config_dict, model_dir, checkpoint,
                                                    dev, spec.select == "oracle", checkpoint_seconds,
