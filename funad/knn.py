@@ -77,6 +77,29 @@ def gather_bank(source: FeatureSource, device=None) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def keep_two_images(bank: torch.Tensor, kept: torch.Tensor, candidates: torch.Tensor, n_patches: int,
+                    chunk: int = 65536) -> torch.Tensor:
+    """``kept`` (bank rows, int64), plus the candidate row of another image farthest from them when every kept
+    row comes from one image.
+
+    A bank drawn from a single image cannot score that image held out (every one of its rows is its own), so
+    ``score_held_out`` would have nothing to compare it with. A tiny coreset can do that (one image-level
+    feature per image, or a few patches). The added row is the next k-center greedy pick among the other
+    images' ``candidates``. Nothing changes when the rows already come from two images or more, or when no
+    other image has a candidate row.
+    """
+    owners = kept // n_patches
+    if kept.numel() == 0 or bool((owners != owners[0]).any()):
+        return kept
+    others = candidates[candidates // n_patches != owners[0]]
+    if others.numel() == 0:
+        return kept
+    centres = bank.index_select(0, kept.to(bank.device))
+    far = torch.cat([torch.cdist(bank.index_select(0, others[i:i + chunk].to(bank.device)), centres).amin(dim=1)
+                     for i in range(0, others.numel(), chunk)])
+    return torch.cat([kept, others[int(far.argmax())].view(1).to(kept.device)])
+
+
 def image_score_weights(queries: torch.Tensor, nearest: torch.Tensor, bank: torch.Tensor, index: NNIndex,
                         b: int) -> torch.Tensor:
     """PatchCore's reweighting factor 1 - softmax for each image's most anomalous patch (module docstring).
@@ -167,7 +190,8 @@ class KNNScorer:
             n_keep = min(n_keep, self.max_bank)
         kept = torch.arange(n_all)
         if n_keep < n_all:
-            kept = approximate_greedy_coreset(bank, n_keep, seed=self.seed)
+            kept = keep_two_images(bank, approximate_greedy_coreset(bank, n_keep, seed=self.seed), kept,
+                                   int(source.n_patches))
             bank = bank.index_select(0, kept).contiguous()
         logger.info("kNN memory bank: %d of %d training patches (D=%d)", bank.shape[0], n_all, bank.shape[1])
         self._set_bank(bank)

@@ -41,7 +41,7 @@ import torch
 from .coreset import PROJECTION_DIM, approximate_greedy_coreset, coreset_size, project
 from .data import FeaturesLike, as_source
 from .errors import ConfigError, DataError
-from .knn import DEFAULT_CORESET_RATIO, KNNScorer, _checked_bank, gather_bank
+from .knn import DEFAULT_CORESET_RATIO, KNNScorer, _checked_bank, gather_bank, keep_two_images
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class SoftPatchScorer(KNNScorer):
         if n_core < kept.numel():
             core = approximate_greedy_coreset(bank.index_select(0, kept), n_core, seed=self.seed,
                                               projected=projected.index_select(0, kept.to(projected.device)))
-            kept = kept.index_select(0, core.to(kept.device))
+            kept = keep_two_images(bank, kept.index_select(0, core.to(kept.device)), kept, n_patches)
         logger.info("SoftPatch bank: %d of %d training patches (%d dropped as noise, %s weights)",
                     kept.numel(), n_all, n_drop, self.weighting)
         self._set_bank(bank.index_select(0, kept))

@@ -105,6 +105,33 @@ def test_held_out_scores_exclude_the_images_own_patches(cls):
     assert held_images.shape == (6,)
 
 
+@pytest.mark.parametrize("cls", [KNNScorer, SoftPatchScorer])
+def test_a_coreset_from_one_image_takes_a_row_of_another(cls):
+    """One feature per image and a coreset of one row: the bank gets a second image's row, so that every
+    training image can be scored held out (it raised "needs patches of at least two training images")."""
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(12, 1, 8)).astype(np.float32))
+    kwargs = dict(noise_ratio=0.0, lof_k=2) if cls is SoftPatchScorer else {}
+    model = cls(coreset_ratio=0.05, backend="torch", **kwargs).fit(x)
+    owners = model.bank_owner_.tolist()
+    assert len(owners) == 2 and owners[0] != owners[1]
+    held, _ = model.score_held_out(x)
+    assert np.isfinite(held).all()
+    if cls is KNNScorer:  # each owner is scored against the other's row, the rest against the nearer of the two
+        a, b = owners
+        np.testing.assert_allclose(held[a, 0], float((x[a, 0] - x[b, 0]).norm()), rtol=1e-4)
+        np.testing.assert_allclose(held[b, 0], float((x[b, 0] - x[a, 0]).norm()), rtol=1e-4)
+        # the added row is the k-center pick: the other image's feature farthest from the first row
+        far = (x[:, 0] - x[a, 0]).norm(dim=1)
+        far[a] = -1
+        assert b == int(far.argmax())
+
+
+def test_a_coreset_over_two_images_is_left_alone():
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(12, 1, 8)).astype(np.float32))
+    model = KNNScorer(coreset_ratio=0.25, backend="torch").fit(x)
+    assert model.bank_.shape[0] == 3
+
+
 def test_held_out_needs_a_fresh_fit():
     x = torch.randn(3, 4, 8)
     model = KNNScorer(coreset_ratio=1.0, backend="torch").fit(x)
