@@ -13,6 +13,8 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     ("Quality: the default geometry, full frame against the paper's, MVTec AD bottle", "geometry-bottle.md"),
     ("Quality: the default preset at 5% and 20% contamination, MVTec AD bottle", "contamination-bottle.md"),
+    ("Quality: the default against SoftPatch and kNN, KolektorSDD in the default (full-frame) geometry",
+     "ksdd-full.md"),
     ("Quality: the default preset's clean-image kNN against the Local-Net's own scores, MVTec AD bottle",
      "scorer-bottle.md"),
     ("Quality: the clean-image kNN against the Local-Net's own scores, KolektorSDD (paper geometry)", "scorer-ksdd.md"),
@@ -22,6 +24,7 @@ ORDER = [
      "clean-share-ksdd.md"),
     ("Quality: how many training images the default trusts (clean_share), MVTec AD bottle", "clean-share-bottle.md"),
     ("Decisions without labels: thresholds from a sample of the training images", "threshold-sample.md"),
+    ("Speed: what a default fit computes, phase by phase (FLOP count)", "fit-flops-bottle.md"),
     ("Speed: whole default fits on the AMD EPYC (eleventh session)", "fit-wall-epyc.md"),
     ("Speed: the default preset's fit against preset fast", "fit-wall-scorer.md"),
     ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, MVTec AD bottle", "comparison-bottle.md"),
