@@ -10,7 +10,9 @@ feature aggregation:
   projection to 128 dimensions, then exact k-center greedy). ``coreset_ratio
   = 1`` keeps the full bank. ``max_bank`` caps the bank at that many
   patches (default: no cap), so that scoring costs the same however many
-  images trained it.
+  images trained it. A coreset whose rows all come from one image takes one
+  more row, of another image (:func:`keep_two_images`), so that every
+  training image can be scored held out.
 - **Patch score** (the anomaly map): s_j = ||f_j - m_j||, the Euclidean
   distance of test patch f_j to its nearest bank feature m_j.
 - **Image score** (PatchCore Eq. 7): take the most anomalous patch
