@@ -9,8 +9,8 @@ from typing import Any, Optional
 import click
 from rich.table import Table
 
-from funad.pipelines.settings import (DEFAULT_PIXEL_QUANTILE, DEFAULT_PRESET, FIELDS, PRESETS, ConfigError,
-                                     parse_setting, settings_table)
+from funad.pipelines.settings import (DEFAULT_PIXEL_QUANTILE, DEFAULT_PRESET, DEFAULT_RULE, FIELDS, PRESETS,
+                                     RULE_CHOICES, ConfigError, parse_setting, settings_table)
 
 from .common import LazyChoice, RichProgress, console, stdout_console, user_errors
 
@@ -113,16 +113,17 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
                    "coreset); default 0.1; 1 keeps the full bank.")
 @click.option("--select", default="final", show_default=True, type=click.Choice(["final", "oracle"]),
               help="'final' keeps the last epoch. 'oracle' picks the epoch by TEST AUROC (paper protocol; diagnostic only).")
-@click.option("--threshold-rule", default="quantile", show_default=True,
-              type=click.Choice(["quantile", "otsu", "mad"]),
+@click.option("--threshold-rule", default=DEFAULT_RULE, show_default=True, type=click.Choice(list(RULE_CHOICES)),
               help="How the decision thresholds are chosen from the unlabelled training scores at the end of the "
                    "fit: quantile = flag the --expected-contamination share of the training images, otsu = Otsu's "
-                   "two-class split of the scores, mad = median + 3 robust standard deviations. Every rule's "
-                   "threshold is recorded.")
+                   "two-class split of the scores, mad = median + 3 robust standard deviations; auto = mad for "
+                   "the default preset's clean-image kNN, quantile otherwise (or quantile whenever "
+                   "--expected-contamination is given). Every rule's threshold is recorded.")
 @click.option("--expected-contamination", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
               show_default=True, metavar="SHARE",
-              help="Share of the training images expected to be anomalous (--threshold-rule quantile flags it). "
-                   "A rough guess: 0.1 was used for true shares of 9% (bottle) and 13% (KolektorSDD).")
+              help="Share of the training images expected to be anomalous (--threshold-rule quantile flags it; "
+                   "giving it makes 'auto' the quantile rule). 0.1 was used for true shares of 9% (bottle) and "
+                   "13% (KolektorSDD).")
 @click.option("--pixel-quantile", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, metavar="Q",
               help="The pixel threshold (heatmap outlines, pixel decisions): this quantile of the anomaly-map "
                    "maxima of the training images the image threshold calls normal [default: "
@@ -181,11 +182,13 @@ def fit(cache_path: Path, model_dir: Path, method: str, preset: str, sets: tuple
         read_config(from_model)  # names what is missing or unreadable
         raise click.BadParameter(f"{from_model / 'config.json'} records no fit options; fit it again with this "
                                  "version of funad", param_hint="--from-model")
+    ctx = click.get_current_context()
+    given = {name for name in _SPEC_OPTIONS if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     if recorded:
-        ctx = click.get_current_context()
-        for name in _SPEC_OPTIONS:
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                options[name] = recorded.get(name, options[name])
+        for name in set(_SPEC_OPTIONS) - given:
+            options[name] = recorded.get(name, options[name])
+    if "expected_contamination" in given and options["threshold_rule"] == DEFAULT_RULE:
+        options["threshold_rule"] = "quantile"  # a guess of the share is asked for by the rule that uses it
     if from_model is not None and options["method"] != "funad":
         raise click.BadParameter(f"takes the Local-Net of a FUN-AD fit, and a {options['method']} model trains "
                                  "none; fit the baseline without --from-model", param_hint="--from-model")

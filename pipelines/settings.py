@@ -13,10 +13,16 @@ from typing import Any, Optional
 
 from funad.config import DEFAULT_PRESET, PRESETS, FunADConfig, preset as _preset
 from funad.errors import ConfigError
-from funad.threshold import DEFAULT_PIXEL_QUANTILE  # noqa: F401  (for the CLI's help, without importing torch)
+from funad.threshold import DEFAULT_PIXEL_QUANTILE, RULES  # noqa: F401  (for the CLI's help, without importing torch)
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "FIELDS", "ConfigError", "model_config", "parse_setting",
-           "describe_fields", "settings_table"]
+           "describe_fields", "settings_table", "AUTO_RULE", "RULE_CHOICES", "DEFAULT_RULE"]
+
+# The threshold rules `funad fit --threshold-rule` takes: funad.threshold's, and "auto" (the default), which
+# picks one by the model's kind of score (funad.pipelines.thresholds.auto_rule).
+AUTO_RULE = "auto"
+RULE_CHOICES: tuple[str, ...] = (AUTO_RULE,) + tuple(RULES)
+DEFAULT_RULE = AUTO_RULE
 
 FIELDS: tuple[str, ...] = tuple(FunADConfig().to_dict())  # every FunADConfig field, in declaration order
 

@@ -52,7 +52,7 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     assert int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_test"]) == 8
     # every cell reports F1 at the unlabelled thresholds next to F1-max, and keeps its scores for later comparisons
     for r in rows:
-        assert r["thr_rule"] == "quantile" and all(0.0 <= float(r[m]) <= 1.0 for m in sw.THRESHOLD_METRICS)
+        assert r["thr_rule"] == ("mad" if r["method"] == "funad" else "quantile") and all(0.0 <= float(r[m]) <= 1.0 for m in sw.THRESHOLD_METRICS)
         assert float(r["f1_at_thr"]) <= float(r["image_f1_max"]) + 1e-9  # F1-max is the best any threshold gives
     cell = json.loads(next((out / "cells").glob("knn_no-overlap_ratio=0.25_*.json")).read_text())
     assert len(cell["threshold"]["training_scores"]["image_scores"]) == int(by_key["knn|no-overlap|ratio=0.25|seed=0"]["n_train"])

@@ -157,12 +157,39 @@ def test_fit_records_thresholds_chosen_without_labels(tmp_path, method):
         records.append(json.loads((out / "config.json").read_text())["threshold"])
     a, b = records
     assert a["image"] == b["image"] and a["pixel"] == b["pixel"] and a["labels_used"] is False
+    assert a["rule"] == ("mad" if method == "funad" else "quantile")  # --threshold-rule auto, the default
     assert set(a["candidates"]["image"]) == set(T.RULES)
     lo, hi = a["training_scores"]["image"]["min"], a["training_scores"]["image"]["max"]
     assert a["training_scores"]["image"]["n"] == a["training_images"] == 8
     assert lo <= a["training_scores"]["image"]["median"] <= hi
     if method == "knn":
         assert lo > 0.05  # leave-one-image-out: no training image scored against its own patches
+
+
+def test_auto_rule_is_mad_for_the_clean_image_knn_and_quantile_otherwise():
+    from funad.config import preset
+    from funad.pipelines import thresholds
+
+    cleaned, fast = preset("cleaned").to_dict(), preset("fast").to_dict()
+    assert thresholds.DEFAULT_RULE == "auto"
+    assert thresholds.rule_for("funad", config=cleaned).name == "mad"
+    assert thresholds.rule_for("funad", config=fast).name == "quantile"
+    assert thresholds.rule_for("funad", config=fast).scale == "logit"
+    assert thresholds.rule_for("knn").name == thresholds.rule_for("softpatch").name == "quantile"
+    assert thresholds.rule_for("funad", "otsu", config=cleaned).name == "otsu"  # a named rule is kept
+
+
+def test_a_guess_of_the_contamination_makes_auto_the_quantile_rule(tmp_path):
+    store = make_store(tmp_path / "s.zarr", labelled=True)
+    args = ["--device", "cpu", "--set", "batch_size=4", "--epochs", "1"]
+    rules_taken = {}
+    for name, extra in {"auto": [], "guess": ["--expected-contamination", "0.25"],
+                        "named": ["--expected-contamination", "0.25", "--threshold-rule", "otsu"]}.items():
+        res = CliRunner().invoke(fit_cmd, [str(store), "-o", str(tmp_path / name), *args, *extra])
+        assert res.exit_code == 0, res.output
+        record = json.loads((tmp_path / name / "config.json").read_text())["threshold"]
+        rules_taken[name] = (record["rule"], record["params"]["expected_contamination"])
+    assert rules_taken == {"auto": ("mad", 0.1), "guess": ("quantile", 0.25), "named": ("otsu", 0.25)}
 
 
 def test_pixel_threshold_is_the_highest_map_value_on_images_called_normal():
