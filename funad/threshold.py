@@ -4,8 +4,8 @@ The training set is unlabelled and may hold anomalies, so a threshold is
 chosen from the distribution of the training images' scores alone, by one of
 these rules (``RULES``):
 
-- ``"quantile"`` (``ThresholdRule``'s default; ``funad fit`` picks a rule per
-  kind of score, :func:`funad.pipelines.thresholds.auto_rule`): the ``1 - expected_contamination`` quantile
+- ``"quantile"`` (``ThresholdRule``'s default; ``funad fit`` chooses the rule
+  per kind of score): the ``1 - expected_contamination`` quantile
   of the training scores, i.e. the share of training images expected to be
   anomalous (default :data:`DEFAULT_EXPECTED_CONTAMINATION`) is flagged.
 - ``"otsu"``: Otsu's two-class split of the training scores (the split point
