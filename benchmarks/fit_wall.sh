@@ -3,10 +3,12 @@
 # bf16 autocast, one after the other, with the float32 and bfloat16 matmul peaks measured in the same run.
 # Run it alone on the machine; it writes benchmarks/results/fit-wall.md (RESULT overrides the file).
 # ARMS picks the fits, in order: fp32 (the default preset), bf16 (--set bf16=true), fast (--preset fast: the
-# same training, the Local-Net's own scores) and fast_bf16.
+# same training, the Local-Net's own scores), fast_bf16, and iters=N (the default with --set max_iterations=N,
+# a shorter training budget: benchmarks/budget.sh measures its quality).
 #
 #   bash benchmarks/fit_wall.sh [CACHE]      # default CACHE: bench_out/bottle.zarr (benchmarks/quality.sh makes it)
 #   ARMS="fast fp32" RESULT=benchmarks/results/fit-wall-scorer.md bash benchmarks/fit_wall.sh CACHE
+#   ARMS="fp32 iters=210 iters=105" bash benchmarks/fit_wall.sh CACHE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -39,10 +41,11 @@ print(f'{matmul_flops(cpu, 768) / 1e9:.0f} / ' + (f'{matmul_flops(cpu, 768, dtyp
       bf16) set_args=(--set bf16=true) ;;
       fast) set_args=(--preset fast) ;;
       fast_bf16) set_args=(--preset fast --set bf16=true) ;;
-      *) echo "fit_wall.sh: unknown arm '$arm' (fp32, bf16, fast, fast_bf16)" >&2; exit 2 ;;
+      iters=[0-9]*) set_args=(--set "max_iterations=${arm#iters=}") ;;
+      *) echo "fit_wall.sh: unknown arm '$arm' (fp32, bf16, fast, fast_bf16, iters=N)" >&2; exit 2 ;;
     esac
     start=$(date +%s.%N)
-    "$BIN/funad" fit "$CACHE" -o "$OUT/$arm" --contamination 0.1 --no-overlap --seed 0 "${set_args[@]}" >/dev/null 2>&1
+    "$BIN/funad" fit "$CACHE" -o "$OUT/${arm/=/_}" --contamination 0.1 --no-overlap --seed 0 "${set_args[@]}" >/dev/null 2>&1
     end=$(date +%s.%N)
     echo "| $arm${set_args[*]:+ (${set_args[*]})} | $(python3 -c "print(f'{$end - $start:.0f}')") | $peak |"
   done
