@@ -11,6 +11,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
+    ("Quality and speed: half the training budget (max_iterations 210), bottle and KolektorSDD, full frame",
+     "budget-bottle.md"),
+    ("Quality: half the training budget, KolektorSDD in full frame", "budget-ksdd.md"),
     ("Quality: the default geometry, full frame against the paper's, MVTec AD bottle", "geometry-bottle.md"),
     ("Quality: the default preset at 5% and 20% contamination, MVTec AD bottle", "contamination-bottle.md"),
     ("Quality: the default against SoftPatch and kNN, KolektorSDD in the default (full-frame) geometry",
@@ -25,7 +28,7 @@ ORDER = [
     ("Quality: how many training images the default trusts (clean_share), MVTec AD bottle", "clean-share-bottle.md"),
     ("Decisions without labels: thresholds from a sample of the training images", "threshold-sample.md"),
     ("Speed: what a default fit computes, phase by phase (FLOP count)", "fit-flops-bottle.md"),
-    ("Speed: whole default fits on the AMD EPYC (eleventh session)", "fit-wall-epyc.md"),
+    ("Speed: whole default fits on the AMD EPYC (eleventh and fourteenth sessions)", "fit-wall-epyc.md"),
     ("Speed: the default preset's fit against preset fast", "fit-wall-scorer.md"),
     ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, MVTec AD bottle", "comparison-bottle.md"),
     ("Quality: FUN-AD, PatchCore and SoftPatch against contamination, KolektorSDD", "comparison-ksdd.md"),
