@@ -87,8 +87,9 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
                    "NeurIPS 2022: patch-level denoising before the coreset).")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, type=click.Choice(sorted(PRESETS)),
               help="FUN-AD settings bundle: 'paper' is the faithful algorithm; 'fast' trains faster and keeps the "
-                   "paper's scores (the Local-Net's output); 'cleaned' trains as 'fast' does and scores with a kNN "
-                   "over the training images the final Local-Net scores lowest (README, 'Presets').")
+                   "paper's scores (the Local-Net's output); 'cleaned' trains as 'fast' does for half its "
+                   "iterations and scores with a kNN over the training images the final Local-Net scores lowest "
+                   "(README, 'Presets').")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
               help=f"Override one FunADConfig field (repeatable), e.g. --set lambda_=1 --set bank_every=4. "
                    f"Fields: {', '.join(FIELDS)}. Defaults and presets: --list-settings. The baselines take "

@@ -137,7 +137,8 @@ class Cell:
     def training_key(self) -> Optional[str]:
         """FUN-AD cells with equal training keys train the same Local-Net on the same images: they differ at
         most in inference settings (:data:`funad.config.INFERENCE_SETTINGS`), or only in the preset's name
-        (``fast`` and ``cleaned``). None for the baselines, which have no training to share."""
+        (``cleaned`` and ``fast`` with ``max_iterations=210``). None for the baselines, which have no training
+        to share."""
         if self.spec.method != "funad":
             return None
         return "|".join([self.spec.method, "overlap" if self.overlap else "no-overlap", f"ratio={self.ratio:g}",

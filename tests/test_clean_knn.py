@@ -204,12 +204,13 @@ def test_learning_curve_scores_each_point_as_the_model_would(tmp_path):
     assert_same_weights(modeldir.load_weights(local)["net"], modeldir.load_weights(knn)["net"])
 
 
-def test_the_default_preset_trains_as_fast_and_scores_with_the_clean_image_knn():
+def test_the_default_preset_trains_as_fast_for_half_the_iterations_and_scores_with_the_clean_image_knn():
     from funad.config import DEFAULT_PRESET
 
     default, fast = preset(DEFAULT_PRESET).to_dict(), preset("fast").to_dict()
     assert default["scorer"] == "clean_knn" and fast["scorer"] == preset("paper").scorer == "localnet"
-    assert {k for k in default if default[k] != fast[k]} == {"scorer"}
+    assert {k for k in default if default[k] != fast[k]} == {"scorer", "max_iterations"}
+    assert 2 * default["max_iterations"] == fast["max_iterations"] == 420
 
 
 def test_clean_max_patches_caps_the_bank_and_old_cells_keep_their_key():

@@ -543,6 +543,10 @@ def test_set_help_and_list_settings_name_every_field():
     order = sorted(PRESETS)
     assert cells[1] == "1500" and cells[2 + order.index("fast")] == "60 *" and cells[2 + order.index("paper")] == "1500"
     assert "passes over the training set" in rows["epochs"]
+    # The default trains half of fast's iterations (its kNN only needs the Local-Net's ranking).
+    cells = [c.strip() for c in rows["max_iterations"].split("│")[1:-1]]
+    assert cells[1] == "none", cells
+    assert cells[2 + order.index("cleaned")] == "210 *" and cells[2 + order.index("fast")] == "420 *"
 
 
 def test_available_ram_counts_the_page_cache_the_kernel_can_drop(tmp_path):

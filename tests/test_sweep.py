@@ -118,7 +118,8 @@ def test_other_epochs_or_preset_values_are_other_cells(tmp_path, monkeypatch):
 
 def test_cells_that_differ_only_in_inference_settings_train_once(tmp_path, monkeypatch):
     # clean_share acts after training: the second cell takes the first cell's Local-Net and gives what
-    # training again gives; the preset fast trains as cleaned does, so it shares that net too.
+    # training again gives; the preset fast with cleaned's max_iterations trains as cleaned does, so it shares
+    # that net too.
     from funad.model import FunAD
 
     store = make_store(tmp_path / "f.zarr")
@@ -128,7 +129,7 @@ def test_cells_that_differ_only_in_inference_settings_train_once(tmp_path, monke
     monkeypatch.setattr(FunAD, "fit", lambda self, *a, **k: (calls.append(self.config.clean_share),
                                                              real_fit(self, *a, **k))[1])
     rows = sw.sweep(store, tmp_path / "grid", methods=sw.parse_methods("funad,funad:fast"),
-                    sets={"batch_size": [4], "clean_share": [0.5, 0.75]}, **kw)
+                    sets={"batch_size": [4], "clean_share": [0.5, 0.75], "max_iterations": [210]}, **kw)
     assert calls == [0.5]
     by_share = {(r["preset"], r["cfg_clean_share"]): r for r in rows}
     first = by_share[("cleaned", "0.5")]
@@ -136,11 +137,11 @@ def test_cells_that_differ_only_in_inference_settings_train_once(tmp_path, monke
     assert by_share[("fast", "0.5")]["trained_by"] == first["key"]
     assert int(by_share[("cleaned", "0.75")]["clean_images"]) == int(int(first["n_train"]) * 0.75)
     md = (tmp_path / "grid" / "results.md").read_text()
-    assert "| funad:cleaned (batch_size=4 clean_share=0.5 epochs=1) | 1 |" in md  # the time table: cells that trained
+    assert "| funad:cleaned (batch_size=4 clean_share=0.5 max_iterations=210 epochs=1) | 1 |" in md  # the time table: cells that trained
     assert "| funad:fast" not in md.split("## Fit and scoring time")[1]
 
     alone = sw.sweep(store, tmp_path / "alone", methods=sw.parse_methods("funad"),
-                     sets={"batch_size": [4], "clean_share": [0.75]}, **kw)
+                     sets={"batch_size": [4], "clean_share": [0.75], "max_iterations": [210]}, **kw)
     assert calls == [0.5, 0.75] and alone[0]["trained_by"] == ""
     for m in sw.METRICS + sw.THRESHOLD_METRICS:
         assert alone[0][m] == by_share[("cleaned", "0.75")][m], m
