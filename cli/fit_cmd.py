@@ -98,8 +98,9 @@ def _recorded_options(model_dir: Path) -> Optional[dict]:
 @click.option("--list-settings", is_flag=True, is_eager=True, expose_value=False, callback=_list_settings,
               help="Show every FunADConfig field with its default, each preset's value and its meaning, and exit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Override the preset's number of epochs. The fast and cleaned presets' max_iterations may run "
-                   "fewer on a large training set (the fit warns); --set max_iterations=none lifts it.")
+              help="Override the preset's number of epochs. The fast and cleaned presets cap the training steps "
+                   "(max_iterations 420 and 210: 230 training images run 30 of the default's 60 epochs), so a "
+                   "larger training set runs fewer (the fit says so); --set max_iterations=none lifts the cap.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the contamination draw and the training (same seed on the CPU = identical weights).")
 @click.option("--contamination", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
