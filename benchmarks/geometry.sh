@@ -7,8 +7,9 @@
 # are benchmarks/clean_share.sh's default cells (the same folder and keys: found there and skipped).
 # KolektorSDD's two geometries are in geometry.md (benchmarks/scorer.sh runs its full frame).
 #
-# With BASELINES=1 it runs only the full frame: the default there and PatchCore (knn) and SoftPatch on the same
-# cache, splits and seeds, into geometry-bottle-baselines.md (the README's bottle full-frame row).
+# With BASELINES=1 it runs PatchCore (knn) and SoftPatch on the full-frame cache (the same splits and seeds) into
+# geometry-bottle-baselines.md, beside the default's full-frame cells where a plain run made them (the README's
+# bottle full-frame rows).
 #
 #   bash benchmarks/geometry.sh                 # writes benchmarks/results/geometry-bottle.md
 #   BASELINES=1 bash benchmarks/geometry.sh     # writes benchmarks/results/geometry-bottle-baselines.md
@@ -25,7 +26,6 @@ if [ -n "$BASELINES" ]; then
   if [ -z "$TABLES_ONLY" ]; then
     "$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn_full.zarr" --dataset mvtec "${BB[@]}" \
         --synthetic 0.05 --seed 0 --geometry full
-    grid "$OUT/bottle_syn_full.zarr" "$OUT/geometry_bottle_full_sweep"
     "$BIN/funad" sweep "$OUT/bottle_syn_full.zarr" -o "$OUT/geometry_bottle_full_base" --contamination 0.1 \
         --overlap both --methods knn,softpatch --seeds "$SEEDS"
   fi
@@ -33,7 +33,7 @@ if [ -n "$BASELINES" ]; then
   for d in geometry_bottle_full_sweep geometry_bottle_full_base; do [ -f "$OUT/$d/results.csv" ] && dirs+=("$OUT/$d"); done
   [ ${#dirs[@]} -gt 0 ] || exit 0
   {
-    echo "Command: \`SEEDS=$SEEDS BASELINES=1 bash benchmarks/geometry.sh\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)); MVTec AD bottle in full frame (\`--geometry full\`), 10% contamination: the default preset (synthetic images off) against PatchCore (knn) and SoftPatch on the same cache, splits and seeds."
+    echo "Command: \`SEEDS=$SEEDS BASELINES=1 bash benchmarks/geometry.sh\` ($(uname -m), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)); MVTec AD bottle in full frame (\`--geometry full\`), 10% contamination: PatchCore (knn) and SoftPatch, and the default preset (synthetic images off) where \`bash benchmarks/geometry.sh\` has run it, on the same cache, splits and seeds."
     [ -n "$TABLES_ONLY" ] && echo "This table was written with TABLES_ONLY=1, from the sweeps as far as they had run: an empty cell was not run."
     echo
     "$BIN/python" benchmarks/combine_sweeps.py "$OUT/geometry_bottle_full_cmp" "${dirs[@]}"
