@@ -409,6 +409,7 @@ def test_from_model_refuses_what_would_need_training(store_path, tmp_path):
     cases = [
         (["--set", "lambda_=1"], "lambda_: 2.5 -> 1.0"),
         (["--epochs", "3"], "epochs: 2 -> 3"),
+        (["--preset", "fast"], "max_iterations: 210 -> 420"),  # fast trains twice as long as the default
         (["--contamination", "0.25"], "contamination ratio differs"),
         (["--method", "knn"], "a knn model trains none"),
     ]
@@ -416,6 +417,11 @@ def test_from_model_refuses_what_would_need_training(store_path, tmp_path):
         res = run([store_path, "-o", tmp_path / "anew", "--from-model", trained, "--device", "cpu", *args])
         assert res.exit_code != 0 and message in " ".join(res.output.split()), (args, res.output)
         assert not (tmp_path / "anew").exists()  # refused before anything is written
+    # The default's training, scored with the Local-Net's own output (the README's advice instead of --preset fast).
+    res = run([store_path, "-o", tmp_path / "localnet", "--from-model", trained, "--device", "cpu",
+               "--set", "scorer=localnet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "localnet" / "config.json").read_text())["config"]["scorer"] == "localnet"
     res = run([store_path, "-o", trained, "--from-model", trained, "--overwrite", "--device", "cpu"])
     assert res.exit_code != 0 and "is the output directory" in res.output
     assert json.loads((trained / "config.json").read_text())["complete"] is True
