@@ -18,14 +18,17 @@ source "$(dirname "$0")/env.sh"
 TABLES_ONLY=${TABLES_ONLY:-}
 BASELINES=${BASELINES:-}
 
+extract_full() {  # the FUN-AD* cache in full frame (the same 5% synthetic images as the paper-geometry one)
+  "$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn_full.zarr" --dataset mvtec "${BB[@]}" \
+      --synthetic 0.05 --seed 0 --geometry full
+}
 grid() {  # cache, folder
   "$BIN/funad" sweep "$1" -o "$2" --contamination 0.1 --overlap both --methods funad --set synthetic=off \
       --set clean_share=0.5 --seeds "$SEEDS"
 }
 if [ -n "$BASELINES" ]; then
   if [ -z "$TABLES_ONLY" ]; then
-    "$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn_full.zarr" --dataset mvtec "${BB[@]}" \
-        --synthetic 0.05 --seed 0 --geometry full
+    extract_full
     "$BIN/funad" sweep "$OUT/bottle_syn_full.zarr" -o "$OUT/geometry_bottle_full_base" --contamination 0.1 \
         --overlap both --methods knn,softpatch --seeds "$SEEDS"
   fi
@@ -41,8 +44,7 @@ if [ -n "$BASELINES" ]; then
   exit 0
 fi
 if [ -z "$TABLES_ONLY" ]; then
-  "$BIN/funad" extract "$SHARED/data/mvtec_ad/bottle" -o "$OUT/bottle_syn_full.zarr" --dataset mvtec "${BB[@]}" \
-      --synthetic 0.05 --seed 0 --geometry full
+  extract_full
   grid "$OUT/bottle_syn_full.zarr" "$OUT/geometry_bottle_full_sweep"
   extract_syn bottle
   grid "$OUT/bottle_syn.zarr" "$OUT/clean_share_bottle_sweep"
