@@ -6,7 +6,8 @@
 #
 # The default preset's patch counts are set for P = 784. At P = 196 the "scaled" variants keep the same shares:
 # batch_patches 16 of 196 (64 of 784) and bank_patches 1024 (4096 for a bank 4x larger). "fast" is the preset
-# unchanged, as a user would run it on a 196-patch cache.
+# unchanged, as a user would run it on a 196-patch cache; "default" is the default preset (cleaned: fast's
+# training capped at 210 iterations, then the clean-image kNN scorer).
 #
 #   bash benchmarks/ablation.sh                                   # bottle, then KolektorSDD; resumes
 #   DATASETS=bottle VARIANTS="paper fast every14" bash benchmarks/ablation.sh
@@ -14,10 +15,11 @@ IMAGE_SIZE=196
 source "$(dirname "$0")/env.sh"
 EPOCHS=${EPOCHS:-60}
 DATASETS=${DATASETS:-bottle ksdd}
-VARIANTS=${VARIANTS:-paper fast every14 fast_scaled pool64 bankpatches1024 batchpatches16 lr1e-4}
+VARIANTS=${VARIANTS:-paper fast default every14 fast_scaled pool64 bankpatches1024 batchpatches16 lr1e-4}
 declare -A SPEC=(
   [paper]="paper=paper"
   [fast]="fast=fast"
+  [default]="default=cleaned"
   [fast_scaled]="fast_scaled=fast:batch_patches=16,bank_patches=1024"
   [every14]="every14=paper:bank_every=14"
   [pool64]="pool64=paper:bank_pool=64"
