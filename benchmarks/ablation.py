@@ -16,7 +16,8 @@ images through the same path as ``funad eval`` and records:
         --out benchmarks/results/ablation-bottle196
 
 Writes OUT.csv (one row per fit), OUT.jsonl (per-epoch records) and OUT.md
-(mean ± std over seeds). Re-running skips rows already in OUT.csv.
+(mean ± std over seeds). Re-running skips rows already in OUT.csv. Notes written by hand in
+OUT.md below the line NOTES_MARK survive the rewrite of the table.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from funad.pipelines.scoring import measure, score_tensor
 from bench_fit import matmul_flops  # benchmarks/ is on sys.path when run as a script
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+NOTES_MARK = "<!-- notes: ablation.py keeps everything below this line when it rewrites the table -->"
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -170,7 +172,9 @@ def main() -> None:
                      + (f"| {np.mean(bank):.0f} ({min(bank)}-{max(bank)}) " if bank else "| n/a ")
                      + (f"| {min(purity):.2f} " if purity else "| n/a ")
                      + f"| {col('final_pseudo_recall')} | {col('final_pseudo_precision')} | {col('fit_s', '{:.0f}')} |")
-    md_path.write_text("\n".join(lines) + "\n")
+    old = md_path.read_text() if md_path.is_file() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    md_path.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     print("\n".join(lines))
 
 
