@@ -11,6 +11,10 @@
 #
 #   bash benchmarks/ablation.sh                                   # bottle, then KolektorSDD; resumes
 #   DATASETS=bottle VARIANTS="paper fast every14" bash benchmarks/ablation.sh
+#   EPOCHS=20 VARIANTS="paper default" bash benchmarks/ablation.sh   # a second budget, in its own tables
+#
+# The tables are results/ablation-{bottle,ksdd}196.md at 60 epochs and ablation-{bottle,ksdd}196-e<EPOCHS>.md at
+# any other budget, so rows of two budgets never share a table (ablation.py resumes by variant and seed only).
 IMAGE_SIZE=196
 source "$(dirname "$0")/env.sh"
 EPOCHS=${EPOCHS:-60}
@@ -27,6 +31,8 @@ declare -A SPEC=(
   [batchpatches16]="batchpatches16=paper:batch_patches=16"
   [lr1e-4]="lr1e-4=paper:lr=1e-4"
 )
+suffix=""
+[ "$EPOCHS" = 60 ] || suffix="-e$EPOCHS"
 args=()
 for v in $VARIANTS; do args+=(--variant "${SPEC[$v]}"); done
 for name in $DATASETS; do
@@ -37,5 +43,5 @@ for name in $DATASETS; do
   esac
   "$BIN/funad" extract "$data" -o "$OUT/${name}196.zarr" --dataset "$kind" "${BB[@]}"
   "$BIN/python" benchmarks/ablation.py "$OUT/${name}196.zarr" --ratio "$ratio" --seeds "$SEEDS" --epochs "$EPOCHS" \
-      "${args[@]}" --out "benchmarks/results/ablation-${name}196"
+      "${args[@]}" --out "benchmarks/results/ablation-${name}196$suffix"
 done
