@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -86,7 +87,12 @@ def main() -> None:
     done = set()
     if csv_path.is_file():
         with open(csv_path, newline="") as f:
-            done = {(r["variant"], int(r["seed"])) for r in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        done = {(r["variant"], int(r["seed"])) for r in rows}
+        budgets = {json.loads(r["config"])["epochs"] for r in rows}
+        if args.epochs is not None and budgets - {args.epochs}:
+            sys.exit(f"{csv_path} holds fits of {sorted(budgets)} epochs, not {args.epochs}: resuming would skip or "
+                     f"mix rows of two budgets; give this budget its own --out")
 
     device = torch.device("cpu")
     with cache.open(args.cache, mode="r") as store:
