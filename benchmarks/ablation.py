@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,33 @@ def changed_from_paper(config_json: str) -> str:
     (epochs left out: every variant of one table runs the same), or "" when there are none."""
     config, paper = json.loads(config_json), preset("paper").to_dict()
     return ",".join(f"{k}={v}" for k, v in config.items() if k not in ("seed", "epochs") and v != paper.get(k))
+
+
+def cpu_name() -> str:
+    """The CPU a fit runs on, as precisely as a VM shows it: the model name with its family and model numbers (a VM
+    may call several generations "AMD EPYC") and torch's vector capability (AVX2, AVX512)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep:
+                    info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    family = f", family {info['cpu family']} model {info.get('model', '?')}" if "cpu family" in info else ""
+    return f"{name}{family}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def machines_line(epochs: list[dict], n_fits: int) -> str:
+    """Which CPUs the table's fits ran on, from the per-epoch log (fits logged before it recorded the CPU are
+    counted as such), so that rows of several sessions never pass for one machine's."""
+    cpus = {(e["variant"], e["seed"]): e["cpu"] for e in epochs if "cpu" in e}
+    parts = [f"{cpu} ({n} fit{'s' if n > 1 else ''})" for cpu, n in Counter(cpus.values()).items()]
+    if len(cpus) < n_fits:
+        parts.append(f"not recorded for {n_fits - len(cpus)} of {n_fits} fits (they ran before ablation.py logged it)")
+    return "CPU: " + "; ".join(parts)
 
 
 def mean_std(values: list[float]) -> str:
@@ -116,6 +144,7 @@ def main() -> None:
                 cfg = preset(name, seed=seed, **overrides)
                 records: list[dict] = []
                 peak = matmul_flops(device, train.shape[-1]) / 1e9  # fit times are read against this
+                cpu = cpu_name()
                 start = time.perf_counter()
                 model = FunAD(cfg).fit(train, device=device, callback=records.append, diagnostics=diagnostics)
                 fit_s = time.perf_counter() - start
@@ -135,8 +164,8 @@ def main() -> None:
                     w.writerow(row)
                 with open(log_path, "a") as f:
                     for r in records:
-                        f.write(json.dumps({"variant": label, "seed": seed, "matmul_gflops": round(peak, 1), **r})
-                                + "\n")
+                        f.write(json.dumps({"variant": label, "seed": seed, "matmul_gflops": round(peak, 1),
+                                            "cpu": cpu, **r}) + "\n")
                 print(f"{label} seed {seed}: image {m['image_auroc']:.4f} pixel {m['pixel_auroc']:.4f} "
                       f"aupro {m['aupro']:.4f} fit {fit_s:.0f} s bank {records[-1]['bank_images']}", flush=True)
 
@@ -158,7 +187,7 @@ def main() -> None:
              (f"float32 matmul peak just before each fit: {min(peaks.values()):.0f}-{max(peaks.values()):.0f} "
               f"GFLOP/s ({len(peaks)} of {len(rows)} fits; earlier ones did not record it)" if peaks else
               "No fit in this table recorded a matmul peak (they ran before ablation.py measured it), so their "
-              "times compare only with each other."), "",
+              "times compare only with each other."), "", machines_line(epochs, len(rows)), "",
              "| variant | settings changed from `paper` | seeds | image AUROC | pixel AUROC | AUPRO@0.3 "
              "| last bank images | bank images over the epochs, mean (min-max) | lowest bank purity "
              "| pseudo recall | pseudo precision | fit s |",
