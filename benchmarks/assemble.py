@@ -46,6 +46,8 @@ ORDER = [
     ("Fit: what each deviation costs at P = 196 (ablation), KolektorSDD", "ablation-ksdd196.md"),
     ("Fit: the faithful loop and the default at 20 epochs (a second budget), bottle", "ablation-bottle196-e20.md"),
     ("Fit: the faithful loop and the default at 20 epochs (a second budget), KolektorSDD", "ablation-ksdd196-e20.md"),
+    ("Fit: the faithful loop and the default at 60 epochs on the machine of the 20-epoch table, KolektorSDD",
+     "ablation-ksdd196-zen5.md"),
     ("Fit: learning curve (test AUROC per epoch, diagnostic)", "learning-curve.md"),
     ("Decisions without labels: threshold rules against F1-max", "thresholds.md"),
     ("Decisions without labels: pixel-threshold rules against pixel F1-max", "pixel-thresholds.md"),
