@@ -123,6 +123,7 @@ def main() -> None:
                      f"mix rows of two budgets; give this budget its own --out")
 
     device = torch.device("cpu")
+    cpu = cpu_name()  # logged with every fit's epochs
     with cache.open(args.cache, mode="r") as store:
         for seed in (int(s) for s in args.seeds.split(",")):
             if all((parse_variant(t)[0], seed) in done for t in args.variant):
@@ -144,7 +145,6 @@ def main() -> None:
                 cfg = preset(name, seed=seed, **overrides)
                 records: list[dict] = []
                 peak = matmul_flops(device, train.shape[-1]) / 1e9  # fit times are read against this
-                cpu = cpu_name()
                 start = time.perf_counter()
                 model = FunAD(cfg).fit(train, device=device, callback=records.append, diagnostics=diagnostics)
                 fit_s = time.perf_counter() - start
